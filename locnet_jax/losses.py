@@ -1,0 +1,105 @@
+"""Losses in world millimetres, masked for missing landmarks, and the paper's loss-weight schedule.
+
+Targets are (..., K, 3) RAS mm with NaN rows for missing landmarks (as `io.load_landmarks` gives them).
+A missing landmark contributes nothing to a loss and nothing to its denominator; its NaNs never reach a
+gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from locnet_jax import geometry, ops
+
+
+def landmark_mask(target_mm: jax.Array) -> jax.Array:
+  """(..., K) bool: True where the landmark is annotated (all three coordinates finite)."""
+  return jnp.all(jnp.isfinite(target_mm), axis=-1)
+
+
+def squared_error_mm(pred_mm: jax.Array, target_mm: jax.Array) -> jax.Array:
+  """Squared Euclidean distance (..., K) mm^2 between `pred_mm` and `target_mm` (broadcast), 0 if missing."""
+  mask = landmark_mask(target_mm)
+  safe_target = jnp.where(mask[..., None], target_mm, 0.0)
+  sq = jnp.sum((pred_mm - safe_target) ** 2, axis=-1)
+  return jnp.where(jnp.broadcast_to(mask, sq.shape), sq, 0.0)
+
+
+def per_scale_loss(pred_mm: jax.Array, target_mm: jax.Array) -> jax.Array:
+  """Mean squared Euclidean error per scale (S,) mm^2, over every annotated (example, landmark) pair.
+
+  Args:
+    pred_mm: (B, S, K, 3) predictions of every scale.
+    target_mm: (B, K, 3) truths, NaN rows for missing landmarks.
+  """
+  if pred_mm.ndim != 4 or target_mm.shape != (pred_mm.shape[0],) + pred_mm.shape[2:]:
+    raise ValueError(f"pred_mm must be (B, S, K, 3) and target_mm (B, K, 3), got {pred_mm.shape} "
+                     f"and {target_mm.shape}")
+  sq = squared_error_mm(pred_mm, target_mm[:, None])  # (B, S, K)
+  count = jnp.sum(landmark_mask(target_mm))
+  return jnp.sum(sq, axis=(0, 2)) / jnp.maximum(count, 1)
+
+
+def weighted_loss(per_scale: jax.Array, weights: jax.Array) -> jax.Array:
+  """The paper's training loss: sum_s weights[s] * per_scale[s] (weights need not sum to 1)."""
+  return jnp.sum(jnp.asarray(weights, per_scale.dtype) * per_scale)
+
+
+def heatmap_targets(target_mm: jax.Array, affine: jax.Array, *, shape, sigma_mm: float) -> jax.Array:
+  """Gaussian heatmap targets (X, Y, Z, K) of one example, peak 1 at each landmark, 0 for missing ones.
+
+  Args:
+    target_mm: (K, 3) RAS mm, NaN rows for missing landmarks.
+    affine: (4, 4) voxel->RAS of the heatmap's grid; the std is `sigma_mm` along each voxel axis
+      (paper: 6 mm).
+  """
+  mask = landmark_mask(target_mm)
+  center_vox = geometry.mm_to_vox(jnp.where(mask[:, None], target_mm, 0.0), jnp.asarray(affine))
+  sigma_vox = sigma_mm / geometry.voxel_spacing_mm(jnp.asarray(affine, jnp.float32))
+  blob = lambda c: ops.gaussian_heatmap(shape, c, sigma_vox=sigma_vox)  # noqa: E731
+  heatmaps = jax.vmap(blob, out_axes=-1)(center_vox)
+  return heatmaps * mask.astype(heatmaps.dtype)
+
+
+def heatmap_l2_loss(heatmap: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared heatmap error over voxels of annotated channels.
+
+  Args:
+    heatmap, target: (B, X, Y, Z, K).
+    mask: (B, K) bool, False for missing landmarks (their channel is ignored).
+  """
+  per_channel = jnp.mean((heatmap - target) ** 2, axis=(1, 2, 3))  # (B, K)
+  return jnp.sum(jnp.where(mask, per_channel, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def loss_weight_schedules(*, num_epochs: int, num_scales: int) -> list[optax.Schedule]:
+  """The paper's per-scale weight schedules, as Optax schedules of the *half-epoch* count 2 * epoch.
+
+  Scale 0 falls linearly 1 -> 0 over `num_epochs`; the last scale rises 0 -> 1; each middle scale rises
+  0 -> 1 until `num_epochs / 2`, then falls back to 0. Counting half-epochs keeps the peak exact for odd
+  `num_epochs`, since Optax's transition points are integers.
+  """
+  if not isinstance(num_epochs, int) or num_epochs < 1:
+    raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
+  if not isinstance(num_scales, int) or num_scales < 1:
+    raise ValueError(f"num_scales must be an int >= 1, got {num_scales!r}")
+  if num_scales == 1:
+    return [optax.constant_schedule(1.0)]
+  t = num_epochs
+  middle = optax.join_schedules([optax.linear_schedule(0.0, 1.0, t), optax.linear_schedule(1.0, 0.0, t)],
+                                boundaries=[t])
+  return ([optax.linear_schedule(1.0, 0.0, 2 * t)] + [middle] * (num_scales - 2)
+          + [optax.linear_schedule(0.0, 1.0, 2 * t)])
+
+
+def loss_weights(epoch, *, num_epochs: int, num_scales: int) -> jax.Array:
+  """Per-scale loss weights (num_scales,) float32 for `epoch` (0-based), constant within an epoch.
+
+  A fractional `epoch` (e.g. step / steps_per_epoch) is floored; works under `jax.jit` with a traced
+  epoch. Weights are relative, not normalised: at the middle epoch of 4 scales they are [.5, 1, 1, .5].
+  """
+  schedules = loss_weight_schedules(num_epochs=num_epochs, num_scales=num_scales)
+  half_epochs = 2 * jnp.floor(jnp.asarray(epoch, jnp.float32)).astype(jnp.int32)
+  return jnp.stack([jnp.asarray(f(half_epochs), jnp.float32) for f in schedules])

@@ -1,0 +1,200 @@
+"""The Loc-Net, the multi-scale Loc-Net of the paper, and the heatmap U-Net baseline (Flax Linen).
+
+Every model maps images to landmark coordinates in world millimetres (RAS+). Inputs are channels-free
+volumes ``(B, X, Y, Z)`` with their voxel->RAS affines ``(B, 4, 4)`` (or one ``(4, 4)`` shared by the
+batch); outputs are dicts whose ``"pred_mm"`` is ``(B, S, K, 3)``: one prediction per scale ``S`` (coarse
+to fine) for each of ``K`` landmarks, so the loss can weight every scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from locnet_jax import geometry, ops
+from locnet_jax.unet import UNet3D
+
+_vmap_batch_and_landmarks = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731  (B, K, ...) -> (B, K, ...)
+
+
+def _batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
+  affine = jnp.asarray(affine, jnp.float32)
+  if affine.shape == (4, 4):
+    affine = jnp.broadcast_to(affine, (batch, 4, 4))
+  if affine.shape != (batch, 4, 4):
+    raise ValueError(f"{name} must be (4, 4) or (B, 4, 4) with B={batch}, got {affine.shape}")
+  return affine
+
+
+def _check_volumes(volumes: Sequence[jax.Array], num: int) -> None:
+  if len(volumes) != num:
+    raise ValueError(f"expected {num} volumes (coarse to fine), got {len(volumes)}")
+  batch = volumes[0].shape[0] if volumes[0].ndim else None
+  for s, v in enumerate(volumes):
+    if v.ndim != 4 or v.shape[0] != batch:
+      raise ValueError(f"volume {s} must be (B, X, Y, Z) with B={batch} like volume 0, got {v.shape}")
+
+
+class LocNet(nn.Module):
+  """U-Net + centre-of-mass layer: (N, X, Y, Z) images -> `_vox` coordinates of K landmarks.
+
+  `__call__(x, channel=None)` returns ``(coords_vox, heatmaps)``: with ``channel=None`` the centre of
+  mass of every output channel, coords (N, K, 3); with an int array ``channel`` of shape (N,), only that
+  channel of each example (the landmark a patch was cut for), coords (N, 3). Heatmaps are (N, X, Y, Z, K)
+  or (N, X, Y, Z) accordingly.
+  """
+
+  num_landmarks: int
+  unet: Mapping[str, Any] = None
+  com_kind: str = "relu"
+
+  def __post_init__(self):
+    if self.com_kind not in ops.CENTER_OF_MASS_KINDS:
+      raise ValueError(f"com_kind must be one of {ops.CENTER_OF_MASS_KINDS}, got {self.com_kind!r}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, channel: jax.Array | None = None):
+    if x.ndim != 4:
+      raise ValueError(f"LocNet input must be (N, X, Y, Z), got shape {x.shape}")
+    heatmaps = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}))(
+        x[..., None].astype(jnp.float32))
+    com = lambda h: ops.center_of_mass(h, kind=self.com_kind)  # noqa: E731
+    if channel is None:
+      coords = jax.vmap(jax.vmap(com, in_axes=-1))(heatmaps)
+      return coords, heatmaps
+    heatmaps = jnp.take_along_axis(heatmaps, channel[:, None, None, None, None], axis=-1)[..., 0]
+    return jax.vmap(com)(heatmaps), heatmaps
+
+
+class MultiScaleLocNet(nn.Module):
+  """The paper's multi-scale Loc-Net: `num_scales` Loc-Nets chained coarse to fine by a differentiable crop.
+
+  Scale 0 sees the whole coarsest volume and predicts all K landmarks (one heatmap channel each). Each
+  finer scale s cuts, for every landmark k, a `patch_shape` patch of volume s centred at scale s-1's
+  prediction for k (through `ops.crop_patch`, so gradients reach the coarser scales) and reads channel k
+  of its heatmap: two landmarks a few millimetres apart share a patch but never a channel. Predictions
+  move between scales in world mm, so each volume only needs its own affine; the scales' spacings
+  (paper: 4, 2, 1, 0.5 mm, with 56^3 patches) are whatever the pyramid holds.
+
+  With ``num_scales=1`` this is the single-scale Loc-Net baseline (whole volume in, see
+  `single_scale_locnet`).
+
+  Attributes:
+    num_landmarks: K.
+    num_scales: S, the number of volumes (pyramid levels) the model takes.
+    patch_shape: (3,) patch size of the finer scales, in voxels of their own level.
+    unet: keyword arguments of every scale's `UNet3D` (out_channels is K).
+    com_kind: centre-of-mass weights, "relu" (paper) or "softmax".
+    noise_mm: half-width r of the uniform shift U(-r, r) mm per world axis added to the centres before
+      the finest crop, when `__call__` gets a `noise_key` (paper: 5 mm).
+    stop_gradient: cut gradients between scales (the paper's multi-step baseline).
+  """
+
+  num_landmarks: int
+  num_scales: int = 4
+  patch_shape: tuple[int, int, int] = (56, 56, 56)
+  unet: Mapping[str, Any] = None
+  com_kind: str = "relu"
+  noise_mm: float = 5.0
+  stop_gradient: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
+      raise ValueError(f"num_landmarks must be an int >= 1, got {self.num_landmarks!r}")
+    if not isinstance(self.num_scales, int) or self.num_scales < 1:
+      raise ValueError(f"num_scales must be an int >= 1, got {self.num_scales!r}")
+    ops._as_shape3(self.patch_shape)
+    if not self.noise_mm >= 0:
+      raise ValueError(f"noise_mm must be >= 0, got {self.noise_mm!r}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, volumes: Sequence[jax.Array], affines: Sequence[jax.Array], *,
+               noise_key: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Predicts every scale's landmark positions.
+
+    Args:
+      volumes: S arrays (B, X_s, Y_s, Z_s), coarse to fine.
+      affines: S voxel->RAS affines, each (B, 4, 4) or (4, 4).
+      noise_key: PRNG key; when given, the finest crop is centred at a randomly shifted point.
+
+    Returns:
+      {"pred_mm": (B, S, K, 3) RAS mm, "center_mm": (B, S, K, 3) the centre each scale's input was cut
+      at (scale 0: the coarsest volume's centre)}.
+    """
+    _check_volumes(volumes, self.num_scales)
+    if len(affines) != self.num_scales:
+      raise ValueError(f"expected {self.num_scales} affines, got {len(affines)}")
+    if noise_key is not None and self.num_scales == 1:
+      raise ValueError("noise injection needs at least 2 scales (it shifts the finest crop's centre)")
+    batch, k_count = volumes[0].shape[0], self.num_landmarks
+    affines = [_batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
+    nets = [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
+            for s in range(self.num_scales)]
+
+    coarse_vox, heatmap = nets[0](volumes[0])
+    self.sow("intermediates", "heatmap0", heatmap)
+    pred_mm = [geometry.vox_to_mm(coarse_vox, affines[0][:, None])]
+    grid_center_vox = (jnp.asarray(volumes[0].shape[1:4], jnp.float32) - 1) / 2
+    center_mm = [jnp.broadcast_to(geometry.vox_to_mm(grid_center_vox, affines[0])[:, None],
+                                  (batch, k_count, 3))]
+    landmark = jnp.tile(jnp.arange(k_count), batch)  # (B*K,) the channel each patch is read from
+    for s in range(1, self.num_scales):
+      center = pred_mm[-1]
+      if self.stop_gradient:
+        center = jax.lax.stop_gradient(center)
+      if s == self.num_scales - 1 and noise_key is not None:
+        center = center + jax.random.uniform(noise_key, center.shape, minval=-self.noise_mm,
+                                             maxval=self.noise_mm)
+      center_vox = geometry.mm_to_vox(center, affines[s][:, None])
+      crop = lambda v, c: ops.crop_patch(v, c, shape=self.patch_shape)  # noqa: E731
+      patches = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(volumes[s], center_vox)
+      patch_vox, heatmap = nets[s](patches.reshape(batch * k_count, *patches.shape[2:]), landmark)
+      self.sow("intermediates", f"heatmap{s}", heatmap.reshape(patches.shape))
+      vox = ops.patch_to_volume_vox(patch_vox.reshape(batch, k_count, 3), center_vox,
+                                    shape=self.patch_shape)
+      pred_mm.append(geometry.vox_to_mm(vox, affines[s][:, None]))
+      center_mm.append(center)
+    return {"pred_mm": jnp.stack(pred_mm, axis=1), "center_mm": jnp.stack(center_mm, axis=1)}
+
+
+def single_scale_locnet(num_landmarks: int, *, unet: Mapping[str, Any], extra_levels: int = 1,
+                        com_kind: str = "relu") -> MultiScaleLocNet:
+  """The single-scale Loc-Net baseline of the paper's Table 1: one Loc-Net on the whole (1 mm) volume.
+
+  The paper's footnote 2 gives it one more convolution + down-sampling level than the multi-scale nets:
+  `extra_levels` is added to ``unet["depth"]`` (default depth 2).
+  """
+  unet = dict(unet)
+  unet["depth"] = unet.get("depth", UNet3D.depth) + extra_levels
+  return MultiScaleLocNet(num_landmarks, num_scales=1, unet=unet, com_kind=com_kind)
+
+
+class HeatmapUNet(nn.Module):
+  """The heatmap-regression baseline: a U-Net whose K output channels regress Gaussian blobs.
+
+  Trained with `losses.heatmap_l2_loss` against `losses.heatmap_targets` (paper: std 6 mm); predicts
+  each landmark at its heatmap's largest voxel.
+
+  `__call__(volume (B, X, Y, Z), affine)` returns {"pred_mm": (B, 1, K, 3) RAS mm,
+  "heatmap": (B, X, Y, Z, K)}.
+  """
+
+  num_landmarks: int
+  unet: Mapping[str, Any] = None
+
+  @nn.compact
+  def __call__(self, volume: jax.Array, affine: jax.Array) -> dict[str, jax.Array]:
+    if volume.ndim != 4:
+      raise ValueError(f"HeatmapUNet input must be (B, X, Y, Z), got shape {volume.shape}")
+    affine = _batched_affine(affine, volume.shape[0], "affine")
+    heatmap = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}))(
+        volume[..., None].astype(jnp.float32))
+    argmax_vox = jax.vmap(jax.vmap(ops.heatmap_argmax, in_axes=-1))(heatmap)  # (B, K, 3)
+    pred_mm = geometry.vox_to_mm(argmax_vox, affine[:, None])
+    return {"pred_mm": pred_mm[:, None], "heatmap": heatmap}

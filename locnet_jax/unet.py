@@ -1,0 +1,152 @@
+"""A configurable 3-D U-Net (Flax Linen, channels-last), the body of every Loc-Net.
+
+Shapes: input (N, X, Y, Z, C_in) -> output (N, X, Y, Z, out_channels); every spatial size must be
+divisible by ``2 ** depth``. Level ``l`` (0 = full resolution) has ``round(base_channels *
+channel_growth ** l)`` channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from locnet_jax import ops
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+}
+NORMS = ("none", "group", "instance")
+# "max": 2x2x2 max-pool; "max_blur": Zhang's anti-aliased MaxBlurPool; "blur": BlurPool alone
+# (anti-aliased average); all halve each spatial size.
+DOWNSAMPLES = ("max", "max_blur", "blur")
+# "nearest" + conv is faster than "transpose" on XLA:CPU; "linear" is trilinear (anti-aliased) up-sampling.
+UPSAMPLES = ("nearest", "linear", "transpose")
+
+
+def _choice(name: str, value, options) -> None:
+  if value not in options:
+    raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _downsample(x: jax.Array, kind: str) -> jax.Array:
+  if kind == "max":
+    return nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+  if kind == "max_blur":
+    return ops.max_blur_pool(x)
+  return ops.blur_pool(x)
+
+
+def _upsample_fixed(x: jax.Array, kind: str) -> jax.Array:
+  n, sx, sy, sz, c = x.shape
+  if kind == "nearest":
+    return jnp.repeat(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), 2, axis=3)
+  return jax.image.resize(x, (n, 2 * sx, 2 * sy, 2 * sz, c), method="trilinear")
+
+
+class UNet3D(nn.Module):
+  """3-D U-Net: `convs_per_level` (conv -> norm -> activation) blocks per level, `depth` down-samplings.
+
+  The decoder's first convolution over ``concat(up, skip)`` is written as the sum of two convolutions
+  (one per input): the same function, and it avoids XLA:CPU's huge scratch buffers for convolutions over
+  concatenations at large sizes. The last layer is a 1x1x1 convolution to `out_channels` (no activation),
+  its bias initialised to `head_bias_init`.
+  """
+
+  out_channels: int
+  depth: int = 2
+  base_channels: int = 16
+  channel_growth: float = 2.0
+  convs_per_level: int = 2
+  kernel_size: int = 3
+  norm: str = "none"
+  norm_groups: int = 8
+  activation: str = "relu"
+  downsample: str = "max"
+  upsample: str = "nearest"
+  head_bias_init: float = 0.0
+
+  def __post_init__(self):
+    _positive_int("out_channels", self.out_channels)
+    _positive_int("depth", self.depth, minimum=0)
+    _positive_int("base_channels", self.base_channels)
+    _positive_int("convs_per_level", self.convs_per_level)
+    _positive_int("kernel_size", self.kernel_size)
+    if not isinstance(self.channel_growth, (int, float)) or self.channel_growth <= 0:
+      raise ValueError(f"channel_growth must be a positive number, got {self.channel_growth!r}")
+    _choice("norm", self.norm, NORMS)
+    _choice("activation", self.activation, ACTIVATIONS)
+    _choice("downsample", self.downsample, DOWNSAMPLES)
+    _choice("upsample", self.upsample, UPSAMPLES)
+    if self.norm == "group":
+      _positive_int("norm_groups", self.norm_groups)
+      for c in self.level_channels:
+        if c % self.norm_groups:
+          raise ValueError(f"norm='group' needs every level's channels {self.level_channels} divisible by "
+                           f"norm_groups={self.norm_groups}")
+    super().__post_init__()
+
+  @property
+  def level_channels(self) -> tuple[int, ...]:
+    return tuple(max(1, round(self.base_channels * self.channel_growth ** l))
+                 for l in range(self.depth + 1))
+
+  def check_input_shape(self, shape) -> None:
+    """Raises ValueError unless `shape` is (N, X, Y, Z, C) with X, Y, Z divisible by 2**depth."""
+    if len(shape) != 5:
+      raise ValueError(f"UNet3D input must be (N, X, Y, Z, C), got shape {tuple(shape)}")
+    factor = 2 ** self.depth
+    if any(n % factor or n == 0 for n in shape[1:4]):
+      raise ValueError(f"UNet3D input spatial shape {tuple(shape[1:4])} must be divisible by "
+                       f"2**depth = {factor} (depth={self.depth})")
+
+  def _norm(self, x: jax.Array, name: str) -> jax.Array:
+    if self.norm == "group":
+      return nn.GroupNorm(num_groups=self.norm_groups, name=name)(x)
+    if self.norm == "instance":
+      return nn.GroupNorm(num_groups=None, group_size=1, name=name)(x)
+    return x
+
+  def _conv(self, features: int, name: str, use_bias: bool = True) -> nn.Conv:
+    return nn.Conv(features, (self.kernel_size,) * 3, padding="SAME", use_bias=use_bias, name=name)
+
+  def _block(self, x: jax.Array, features: int, level: str, first: jax.Array | None = None) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    for i in range(self.convs_per_level):
+      if i == 0 and first is not None:
+        x = first + self._conv(features, f"{level}_conv0_skip", use_bias=False)(x)
+      else:
+        x = self._conv(features, f"{level}_conv{i}")(x)
+      x = act(self._norm(x, f"{level}_norm{i}"))
+    return x
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    self.check_input_shape(x.shape)
+    channels = self.level_channels
+    skips = []
+    for level in range(self.depth):
+      x = self._block(x, channels[level], f"enc{level}")
+      skips.append(x)
+      x = _downsample(x, self.downsample)
+    x = self._block(x, channels[self.depth], "bottom")
+    for level in reversed(range(self.depth)):
+      if self.upsample == "transpose":
+        x = nn.ConvTranspose(channels[level], (2, 2, 2), strides=(2, 2, 2), name=f"up{level}")(x)
+      else:
+        x = _upsample_fixed(x, self.upsample)
+      first = self._conv(channels[level], f"dec{level}_conv0")(x)
+      x = self._block(skips[level], channels[level], f"dec{level}", first=first)
+    return nn.Conv(self.out_channels, (1, 1, 1), name="head",
+                   bias_init=nn.initializers.constant(self.head_bias_init))(x)
