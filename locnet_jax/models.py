@@ -109,6 +109,8 @@ class MultiScaleLocNet(nn.Module):
     if not isinstance(self.num_scales, int) or self.num_scales < 1:
       raise ValueError(f"num_scales must be an int >= 1, got {self.num_scales!r}")
     ops._as_shape3(self.patch_shape)
+    if self.com_kind not in ops.CENTER_OF_MASS_KINDS:
+      raise ValueError(f"com_kind must be one of {ops.CENTER_OF_MASS_KINDS}, got {self.com_kind!r}")
     if not self.noise_mm >= 0:
       raise ValueError(f"noise_mm must be >= 0, got {self.noise_mm!r}")
     super().__post_init__()

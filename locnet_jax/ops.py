@@ -28,7 +28,7 @@ def _as_shape3(shape) -> tuple[int, int, int]:
   """Normalises an int or a 3-sequence of ints to a 3-tuple, rejecting anything else."""
   if isinstance(shape, (int, np.integer)):
     shape = (int(shape),) * 3
-  shape = tuple(shape)
+  shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
   if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
     raise ValueError(f"shape must be a positive int or 3 positive ints, got {shape!r}")
   return tuple(int(n) for n in shape)
@@ -113,8 +113,9 @@ def crop_patch(volume: jax.Array, center_vox: jax.Array, *, shape, step=1.0) -> 
     volume = volume.astype(jnp.float32)
   if jnp.shape(center_vox) != (3,):
     raise ValueError(f"center_vox must have shape (3,), got {jnp.shape(center_vox)}")
-  if jnp.ndim(step) not in (0, 1) or (jnp.ndim(step) == 1 and jnp.shape(step) != (3,)):
-    raise ValueError(f"step must be a scalar or have shape (3,), got shape {jnp.shape(step)}")
+  step_shape = step.shape if isinstance(step, jax.Array) else np.shape(step)
+  if step_shape not in ((), (3,)):
+    raise ValueError(f"step must be a scalar or have shape (3,), got shape {step_shape}")
   if not isinstance(step, jax.core.Tracer) and not np.all(np.asarray(step) > 0):
     raise ValueError(f"step must be positive, got {step!r}")
   coords = patch_grid_vox(center_vox, shape=shape, step=step).astype(volume.dtype)

@@ -1,0 +1,281 @@
+"""Multi-scale Loc-Net, single-scale Loc-Net and heatmap U-Net: frames, routing, gradients, noise, shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from locnet_jax import geometry, losses
+from locnet_jax.models import HeatmapUNet, LocNet, MultiScaleLocNet, single_scale_locnet
+
+TINY_UNET = dict(depth=1, base_channels=4)
+
+
+def _affine(spacing, origin, rotation=np.eye(3), flip=(1, 1, 1)):
+  affine = np.eye(4)
+  affine[:3, :3] = rotation @ np.diag(np.asarray(spacing) * np.asarray(flip))
+  affine[:3, 3] = origin
+  return affine
+
+
+def _pyramid(batch=1, sizes=(8, 16, 32), spacings=(4.0, 2.0, 1.0), seed=0):
+  """Random volumes of a world-aligned pyramid covering (-16, 16) mm, with their affines."""
+  keys = jax.random.split(jax.random.key(seed), len(sizes))
+  volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, sizes)]
+  affines = [jnp.asarray(_affine([s] * 3, [-16 + s / 2] * 3), jnp.float32) for s in spacings]
+  return volumes, affines
+
+
+# ---------------------------------------------------------------- exact frames and landmark routing
+
+def _identity_locnet_params(params, num_scales):
+  """Depth-0 U-Nets whose heatmap channel 0 is ReLU(image) and channel 1 is ReLU(-image)."""
+  def scale_params():
+    conv0 = np.zeros((3, 3, 3, 1, 2), np.float32)
+    conv0[1, 1, 1, 0] = [1.0, -1.0]
+    conv1 = np.zeros((3, 3, 3, 2, 2), np.float32)
+    conv1[1, 1, 1] = np.eye(2)
+    head = np.eye(2, dtype=np.float32).reshape(1, 1, 1, 2, 2)
+    return {"unet": {"bottom_conv0": {"kernel": conv0, "bias": np.zeros(2, np.float32)},
+                     "bottom_conv1": {"kernel": conv1, "bias": np.zeros(2, np.float32)},
+                     "head": {"kernel": head, "bias": np.zeros(2, np.float32)}}}
+  new = {"params": {f"scale{s}": scale_params() for s in range(num_scales)}}
+  assert jax.tree.structure(new) == jax.tree.structure(params)
+  return jax.tree.map(jnp.asarray, new)
+
+
+def _blob_volume(affine, shape, centers_mm, amplitudes, sigma_mm):
+  """Gaussian blobs placed in world mm, sampled on the voxel grid of `affine`."""
+  grid_vox = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+  grid_mm = geometry.vox_to_mm(grid_vox.astype(np.float64), affine)
+  volume = np.zeros(shape)
+  for c, a in zip(centers_mm, amplitudes):
+    volume += a * np.exp(-np.sum((grid_mm - c) ** 2, axis=-1) / (2 * sigma_mm ** 2))
+  return volume.astype(np.float32)
+
+
+def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_affines():
+  """Identity nets on blob images: each scale's prediction must be the blobs' world position.
+
+  Two examples with different oblique, flipped, anisotropic grids (offset differently at each scale);
+  two landmarks 14 mm apart (a positive and a negative blob) that share every fine patch: reading the
+  wrong heatmap channel for a patch would move a prediction 14 mm.
+  """
+  truth_mm = np.array([[[3.1, -2.4, 5.2], [-6.5, 6.0, -1.0]],
+                       [[-4.2, 4.9, -3.3], [5.0, -3.1, 3.9]]])
+  spacings = [np.array([4.0, 3.5, 4.5]), np.array([2.0, 1.75, 2.25]), np.array([1.0, 0.9, 1.1])]
+  sizes = [(16, 18, 14), (32, 36, 28), (64, 72, 56)]
+  rotations = [Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix(),
+               Rotation.from_euler("zyx", [-15, 25, 5], degrees=True).as_matrix()]
+  flips = [(1, -1, 1), (-1, 1, -1)]
+  volumes, affines = [[] for _ in sizes], [[] for _ in sizes]
+  for b in range(2):
+    for s, (spacing, size) in enumerate(zip(spacings, sizes)):
+      rot = rotations[b] @ np.diag(flips[b])
+      origin = -rot @ (spacing * (np.array(size) - 1) / 2) + 0.37 * s  # grid centre near the origin
+      affine = _affine(spacing, origin, rotations[b], flips[b])
+      volumes[s].append(_blob_volume(affine, size, truth_mm[b], [1.0, -1.0], sigma_mm=1.2 * spacing.max()))
+      affines[s].append(affine)
+  volumes = [jnp.asarray(np.stack(v)) for v in volumes]
+  affines = [jnp.asarray(np.stack(a), jnp.float32) for a in affines]
+
+  model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(32, 32, 32),
+                           unet=dict(depth=0, base_channels=2))
+  params = _identity_locnet_params(model.init(jax.random.key(0), volumes, affines), 3)
+  out = jax.jit(model.apply)(params, volumes, affines)
+  pred = np.asarray(out["pred_mm"])
+  assert pred.shape == (2, 3, 2, 3)
+  # scale 0 sees the whole image, where the two blobs' tails overlap: compare with NumPy's centre of mass
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in sizes[0]], indexing="ij"), axis=-1)
+  for b in range(2):
+    for k, sign in enumerate([1.0, -1.0]):
+      w = np.maximum(sign * np.asarray(volumes[0][b], np.float64), 0)
+      com_vox = (grid * w[..., None]).sum((0, 1, 2)) / w.sum()
+      np.testing.assert_allclose(pred[b, 0, k], geometry.vox_to_mm(com_vox, np.asarray(affines[0][b])),
+                                 atol=1e-3)
+  np.testing.assert_allclose(pred[:, 0], truth_mm, atol=2.0)  # pushed apart by the overlap
+  # scale 1: sigma 2.7 mm, so ReLU(+-image) clips ~0.5 % of each blob at the midplane (0.05 mm bias)
+  np.testing.assert_allclose(pred[:, 1], truth_mm, atol=0.1)
+  np.testing.assert_allclose(pred[:, 2], truth_mm, atol=0.01)
+  np.testing.assert_allclose(out["center_mm"][:, 1:], pred[:, :-1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- gradients between scales
+
+def _finest_loss_grads(stop_gradient):
+  volumes, affines = _pyramid(batch=2)
+  model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
+                           stop_gradient=stop_gradient)
+  params = model.init(jax.random.key(1), volumes, affines)
+  target_mm = jnp.array([[[1.0, 2.0, 3.0], [np.nan] * 3], [[-4.0, 0.5, 2.0], [3.0, -3.0, 1.0]]])
+
+  def finest_loss(p):
+    return losses.per_scale_loss(model.apply(p, volumes, affines)["pred_mm"], target_mm)[-1]
+
+  grads = jax.jit(jax.grad(finest_loss))(params)["params"]
+  return {name: max(float(jnp.abs(g).max()) for g in jax.tree.leaves(tree)) for name, tree in grads.items()}
+
+
+def test_finest_loss_gradient_reaches_every_coarser_scale():
+  largest = _finest_loss_grads(stop_gradient=False)
+  assert set(largest) == {"scale0", "scale1", "scale2"}
+  assert all(v > 1e-6 for v in largest.values()), largest
+
+
+def test_stop_gradient_cuts_every_coarser_scale_exactly():
+  largest = _finest_loss_grads(stop_gradient=True)
+  assert largest["scale0"] == 0.0 and largest["scale1"] == 0.0
+  assert largest["scale2"] > 1e-6
+
+
+# ---------------------------------------------------------------- noise injection
+
+def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
+  volumes, affines = _pyramid(batch=3)
+  model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5)
+  params = model.init(jax.random.key(0), volumes, affines)
+  apply = jax.jit(lambda key: model.apply(params, volumes, affines, noise_key=key))
+  clean = jax.jit(lambda: model.apply(params, volumes, affines))()
+  a, a_again, b = apply(jax.random.key(7)), apply(jax.random.key(7)), apply(jax.random.key(8))
+  np.testing.assert_array_equal(a["pred_mm"], a_again["pred_mm"])
+  assert not np.allclose(a["pred_mm"][:, -1], b["pred_mm"][:, -1])
+  np.testing.assert_allclose(a["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], atol=1e-5)  # coarse: untouched
+  shift = np.asarray(a["center_mm"][:, -1] - clean["pred_mm"][:, -2])
+  assert np.all(np.abs(shift) <= 2.5 + 1e-4) and np.abs(shift).max() > 1.0
+  # deterministic without a key
+  np.testing.assert_allclose(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"], atol=1e-4)
+
+
+def test_vmap_over_noise_keys_equals_a_loop():
+  volumes, affines = _pyramid(batch=1)
+  model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET)
+  params = model.init(jax.random.key(0), volumes, affines)
+  keys = jax.random.split(jax.random.key(3), 5)
+  one = lambda k: model.apply(params, volumes, affines, noise_key=k)["pred_mm"]  # noqa: E731
+  batched = jax.jit(jax.vmap(one))(keys)
+  assert batched.shape == (5, 1, 3, 2, 3)
+  for i in range(5):
+    np.testing.assert_allclose(batched[i], one(keys[i]), atol=1e-4)
+
+
+# ---------------------------------------------------------------- shift equivariance
+
+def _shift_errors(downsample, seeds=(0, 1, 2)):
+  """|pred(shifted image) - pred(image) - shift| (voxels) of bias-free random Loc-Nets, mean per shift."""
+  n = 32
+  shifts = [(1, 0, 0), (3, 0, 0), (1, 2, 3), (-1, -3, 1), (2, 0, 0), (2, -2, 4)]
+  net = LocNet(1, unet=dict(depth=1, base_channels=4, downsample=downsample))
+  predict = jax.jit(lambda p, v: net.apply(p, v)[0][:, 0])
+  errors = np.zeros((len(seeds), len(shifts)))
+  for i, seed in enumerate(seeds):
+    volume = np.zeros((n, n, n), np.float32)
+    volume[13:19, 12:20, 14:19] = np.random.default_rng(seed).normal(size=(6, 8, 5))
+    params = net.init(jax.random.key(seed), jnp.asarray(volume)[None])
+    # no biases: the empty background gives a zero heatmap, so image borders play no part
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "bias" in jax.tree_util.keystr(path) else x, params)
+    vols = np.stack([volume] + [np.roll(volume, s, axis=(0, 1, 2)) for s in shifts])
+    pred = np.asarray(predict(params, jnp.asarray(vols)))
+    errors[i] = np.linalg.norm(pred[1:] - pred[0] - np.array(shifts), axis=-1)
+  return dict(zip(shifts, errors.mean(axis=0)))
+
+
+def test_locnet_is_shift_equivariant_and_blur_pool_reduces_the_error():
+  """Shifts by multiples of the pooling stride (2 here) are exact; other shifts only approximately so.
+
+  Measured (3 random bias-free depth-1 nets, 32^3; mean error over odd shifts, in voxels) - see the
+  README for the figures: anti-aliased pooling cuts the error several-fold.
+  """
+  errors = {kind: _shift_errors(kind) for kind in ("max", "max_blur", "blur")}
+  for kind, err in errors.items():
+    assert err[(2, 0, 0)] < 1e-3 and err[(2, -2, 4)] < 1e-3, (kind, err)
+  odd = {kind: np.mean([e for s, e in err.items() if any(d % 2 for d in s)]) for kind, err in errors.items()}
+  print("mean error of odd shifts (voxels):", odd)
+  assert odd["max"] < 1.5, odd  # approximately equivariant even without anti-aliasing
+  assert odd["max_blur"] < 0.75 * odd["max"], odd
+  assert odd["blur"] < 0.6 * odd["max_blur"], odd
+
+
+# ---------------------------------------------------------------- baselines
+
+def test_single_scale_locnet_adds_one_level_and_predicts_in_mm():
+  model = single_scale_locnet(3, unet=dict(depth=1, base_channels=4))
+  assert model.num_scales == 1 and model.unet["depth"] == 2
+  volume = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
+  affine = jnp.asarray(_affine([2.0, 1.0, 3.0], [10.0, -5.0, 0.0], flip=(-1, 1, 1)), jnp.float32)
+  params = model.init(jax.random.key(0), [volume], [affine])
+  out = model.apply(params, [volume], [affine])
+  assert out["pred_mm"].shape == (2, 1, 3, 3)
+  _, intermediates = model.apply(params, [volume], [affine], mutable="intermediates")
+  heatmap = intermediates["intermediates"]["heatmap0"][0]
+  from locnet_jax import ops
+  expected_vox = jax.vmap(jax.vmap(ops.center_of_mass, in_axes=-1))(heatmap)
+  np.testing.assert_allclose(out["pred_mm"][:, 0], geometry.vox_to_mm(expected_vox, affine), atol=1e-4)
+  with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 4"):
+    model.init(jax.random.key(0), [volume[:, :14]], [affine])
+
+
+def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
+  model = HeatmapUNet(2, unet=dict(depth=1, base_channels=4))
+  volume = jax.random.normal(jax.random.key(0), (1, 8, 10, 12))
+  affine = jnp.asarray(_affine([1.5, 1.0, 2.0], [0.0, 3.0, -2.0], flip=(1, -1, 1)), jnp.float32)
+  params = model.init(jax.random.key(0), volume, affine)
+  out = model.apply(params, volume, affine)
+  heatmap = np.asarray(out["heatmap"])
+  assert heatmap.shape == (1, 8, 10, 12, 2) and out["pred_mm"].shape == (1, 1, 2, 3)
+  for k in range(2):
+    vox = np.unravel_index(np.argmax(heatmap[0, ..., k]), heatmap.shape[1:4])
+    np.testing.assert_allclose(out["pred_mm"][0, 0, k], geometry.vox_to_mm(np.array(vox, float), affine),
+                               atol=1e-4)
+
+
+# ---------------------------------------------------------------- shapes and bad arguments
+
+@pytest.mark.parametrize("batch, num_scales, num_landmarks, patch", [
+    (1, 1, 1, (8, 8, 8)), (2, 2, 3, (8, 8, 8)), (1, 3, 2, (8, 4, 12)), (3, 4, 1, (4, 4, 4)),
+])
+def test_output_shapes(batch, num_scales, num_landmarks, patch):
+  sizes, spacings = (8, 16, 32, 64)[:num_scales], (8.0, 4.0, 2.0, 1.0)[:num_scales]
+  volumes, affines = _pyramid(batch, sizes, spacings)
+  model = MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=patch, unet=TINY_UNET)
+  params = model.init(jax.random.key(0), volumes, affines)
+  out = jax.jit(model.apply)(params, volumes, affines)
+  assert out["pred_mm"].shape == out["center_mm"].shape == (batch, num_scales, num_landmarks, 3)
+  assert out["pred_mm"].dtype == jnp.float32 and np.all(np.isfinite(out["pred_mm"]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: MultiScaleLocNet(0), "num_landmarks"),
+    (lambda: MultiScaleLocNet(2, num_scales=0), "num_scales"),
+    (lambda: MultiScaleLocNet(2, patch_shape=(8, 8)), "shape must be"),
+    (lambda: MultiScaleLocNet(2, noise_mm=-1.0), "noise_mm"),
+    (lambda: MultiScaleLocNet(2, com_kind="max"), "com_kind"),
+    (lambda: LocNet(2, com_kind="max"), "com_kind"),
+])
+def test_bad_model_arguments(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v, a: (v[:2], a), "expected 3 volumes"),
+    (lambda v, a: (v, a[:2]), "expected 3 affines"),
+    (lambda v, a: ([v[0], v[1][:, 0], v[2]], a), r"volume 1 must be \(B, X, Y, Z\)"),
+    (lambda v, a: ([v[0], v[1], jnp.concatenate([v[2], v[2]])], a), "volume 2 must be"),
+    (lambda v, a: (v, [a[0], a[1][:3], a[2]]), "affine 1 must be"),
+    (lambda v, a: ([v[0][:, :6, :6, :6], v[1], v[2]], a), "divisible by 2\\*\\*depth"),
+])
+def test_bad_model_inputs(edit, message):
+  volumes, affines = _pyramid(batch=2)
+  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=2, base_channels=4))
+  with pytest.raises(ValueError, match=message):
+    model.init(jax.random.key(0), *edit(volumes, affines))
+
+
+def test_noise_needs_two_scales():
+  volumes, affines = _pyramid(batch=1, sizes=(8,), spacings=(4.0,))
+  model = MultiScaleLocNet(1, num_scales=1, unet=TINY_UNET)
+  params = model.init(jax.random.key(0), volumes, affines)
+  with pytest.raises(ValueError, match="at least 2 scales"):
+    model.apply(params, volumes, affines, noise_key=jax.random.key(0))
