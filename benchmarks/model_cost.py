@@ -1,0 +1,120 @@
+"""Compile time, run time, FLOPs and memory of the multi-scale Loc-Net's forward pass and training step.
+
+    python benchmarks/model_cost.py --size paper   # 4 scales 4/2/1/0.5 mm, 56^3 patches, 448^3 input
+    python benchmarks/model_cost.py --size demo    # the CPU demo size
+
+Each workload runs in its own process, so its peak resident memory (ru_maxrss) is its own. Times are the
+median (and min-max) of --repeats runs after --warmup runs, each ended with block_until_ready. FLOPs and
+XLA temp memory come from the compiled executable's cost and memory analyses. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = {
+    # name: (num_landmarks, spacings coarse->fine mm, finest grid size, patch, unet)
+    "paper": dict(num_landmarks=2, spacings=(4.0, 2.0, 1.0, 0.5), finest=448, patch=56,
+                  unet=dict(depth=2, base_channels=16)),
+    "demo": dict(num_landmarks=6, spacings=(8.0, 4.0, 2.0), finest=128, patch=32,
+                 unet=dict(depth=2, base_channels=8)),
+}
+
+
+def _inputs(size):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  spec = SIZES[size]
+  fov_mm = spec["finest"] * spec["spacings"][-1]
+  volumes, affines = [], []
+  for s, spacing in enumerate(spec["spacings"]):
+    n = int(round(fov_mm / spacing))
+    volumes.append(jax.random.normal(jax.random.key(s), (1, n, n, n), jnp.float32))
+    affine = np.eye(4)
+    affine[:3, :3] *= spacing
+    affine[:3, 3] = -fov_mm / 2 + spacing / 2
+    affines.append(jnp.asarray(affine[None], jnp.float32))
+  target = jnp.asarray(np.random.default_rng(0).uniform(-30, 30, (1, spec["num_landmarks"], 3)), jnp.float32)
+  return volumes, affines, target
+
+
+def _measure(workload: str, size: str, warmup: int, repeats: int) -> dict:
+  import jax
+  from locnet_jax import losses, training
+  from locnet_jax.models import MultiScaleLocNet
+
+  spec = SIZES[size]
+  volumes, affines, target = _inputs(size)
+  model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
+                           patch_shape=(spec["patch"],) * 3, unet=spec["unet"])
+  state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
+                                      learning_rate=5e-4)
+  key = jax.random.key(1)
+  if workload == "forward":
+    fn = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
+    args = (state.params, volumes, affines, key)
+  else:
+    weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
+    fn = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
+    args = (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights)
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  times = []
+  for i in range(warmup + repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  flops = float(cost.get("flops", float("nan")))
+  median = statistics.median(times)
+  return dict(workload=workload, size=size, compile_s=compile_s, median_s=median, min_s=min(times),
+              max_s=max(times), gflop=flops / 1e9, gflops_per_s=flops / 1e9 / median,
+              temp_gb=getattr(memory, "temp_size_in_bytes", float("nan")) / 1e9,
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              params=sum(x.size for x in jax.tree.leaves(state.params)),
+              device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", choices=sorted(SIZES), default="paper")
+  parser.add_argument("--workloads", default="forward,train")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload, print JSON
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(_measure(args.one, args.size, args.warmup, args.repeats)))
+    return
+  rows = []
+  for workload in args.workloads.split(","):
+    out = subprocess.run([sys.executable, __file__, "--size", args.size, "--one", workload, "--warmup",
+                          str(args.warmup), "--repeats", str(args.repeats)],
+                         check=True, capture_output=True, text=True).stdout
+    rows.append(json.loads(out.strip().splitlines()[-1]))
+  r0 = rows[0]
+  print(f"size={args.size} {SIZES[args.size]}  params={r0['params']:,}  device={r0['device']}  "
+        f"jax={r0['jax']}  median of {r0['repeats']} after {args.warmup} warm-up runs")
+  print("| workload | compile s | median s (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['workload']} | {r['compile_s']:.1f} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "
+          f"| {r['gflop']:.1f} | {r['gflops_per_s']:.1f} | {r['temp_gb']:.2f} | {r['peak_rss_gb']:.2f} |")
+
+
+if __name__ == "__main__":
+  main()

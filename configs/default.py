@@ -1,0 +1,51 @@
+"""Every configuration field, declared once with its meaning. Variants derive from `get_config()`.
+
+    python train.py --config=configs/default.py --workdir=/tmp/locnet
+
+Sections: `data` (what is read and how it is gridded), `model` (architecture), `train` (optimisation),
+`eval` (test-time uncertainty). Unknown override keys are rejected (`lock_config=True` in `train.py`).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # one root seed: parameters, noise injection and data order all derive from it
+
+  config.data = data = ml_collections.ConfigDict()
+  data.source = "synthetic"  # "synthetic": blob images made in memory (see locnet_jax/synthetic.py)
+  data.spacings_mm = (4.0, 2.0, 1.0, 0.5)  # pyramid levels, coarse to fine, isotropic mm (paper)
+  data.finest_size = 448  # finest grid size in voxels (448 x 0.5 mm = 224 mm field of view, paper)
+  data.num_landmarks = 2  # K (paper: left and right carotid bifurcations)
+  data.num_train = 16  # synthetic cases for training
+  data.num_val = 4  # synthetic cases for validation
+
+  config.model = model = ml_collections.ConfigDict()
+  model.kind = "multiscale"  # "multiscale" (the paper's model; num_scales = len(data.spacings_mm))
+  model.patch_size = 56  # patch edge in voxels for every scale after the first (paper: 56)
+  model.com_kind = "relu"  # centre-of-mass weights: "relu" (paper) or "softmax"
+  model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
+  model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
+  model.unet = unet = ml_collections.ConfigDict()
+  unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)
+  unet.base_channels = 16  # channels at full resolution
+  unet.channel_growth = 2.0  # channel multiplier per level
+  unet.convs_per_level = 2  # conv -> norm -> activation blocks per level
+  unet.kernel_size = 3
+  unet.norm = "instance"  # "none", "group" or "instance" (instance learned ~2x faster in a CPU test)
+  unet.norm_groups = 8  # groups for norm="group"
+  unet.activation = "relu"  # relu, leaky_relu, elu, gelu, silu
+  unet.downsample = "max"  # "max", "max_blur" (anti-aliased, Zhang 2019) or "blur"
+  unet.upsample = "nearest"  # "nearest", "linear" or "transpose"
+  unet.head_bias_init = 0.0  # initial bias of the heatmap layer
+
+  config.train = train = ml_collections.ConfigDict()
+  train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)
+  train.learning_rate = 5e-4  # Adam (paper: 5e-4)
+  train.batch_size = 1  # volumes per step (paper: 1)
+  train.noise = True  # inject noise before the finest crop while training (paper's best model)
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50)
+  return config

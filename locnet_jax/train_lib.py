@@ -1,0 +1,105 @@
+"""The training loop behind `train.py`: config -> model, data, schedule, epochs, metrics.
+
+Library code below this module takes explicit arguments; this is where the config is unpacked.
+Metrics go to ``<workdir>/metrics.jsonl`` (one JSON object per epoch) and the config to
+``<workdir>/config.json``. Checkpointing and the real-data pipeline come with the training and data
+issues; until then the data source is the in-memory synthetic set (`locnet_jax.synthetic`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from locnet_jax import losses, synthetic, training
+from locnet_jax.models import MultiScaleLocNet
+
+MODEL_KINDS = ("multiscale",)
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
+                 num_scales: int) -> MultiScaleLocNet:
+  """The model a config's `model` section describes."""
+  if model_config.kind == "multiscale":
+    return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
+                            unet=model_config.unet.to_dict(), com_kind=model_config.com_kind,
+                            noise_mm=model_config.noise_mm, stop_gradient=model_config.stop_gradient)
+  raise ValueError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
+
+
+def load_cases(data_config: ml_collections.ConfigDict, *, seed: int) -> tuple[list[dict], list[dict]]:
+  """(train cases, validation cases) for the config's data source."""
+  if data_config.source == "synthetic":
+    kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
+                  num_landmarks=data_config.num_landmarks)
+    return (synthetic.make_cases(seed, data_config.num_train, **kwargs),
+            synthetic.make_cases(seed + 1_000_003, data_config.num_val, **kwargs))
+  raise ValueError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic',)")
+
+
+def collate(cases: list[dict]) -> dict[str, Any]:
+  """Stacks cases into a batch: volumes/affines per scale (B, ...), target_mm (B, K, 3)."""
+  num_scales = len(cases[0]["volumes"])
+  return {"volumes": [jnp.asarray(np.stack([c["volumes"][s] for c in cases])) for s in range(num_scales)],
+          "affines": [jnp.asarray(np.stack([c["affines"][s] for c in cases])) for s in range(num_scales)],
+          "target_mm": jnp.asarray(np.stack([c["target_mm"] for c in cases]))}
+
+
+def _validate(state, cases, *, batch_size) -> np.ndarray:
+  """Mean radial error (mm) per scale over the validation cases, no noise."""
+  predict = jax.jit(lambda p, b: state.apply_fn({"params": p}, b["volumes"], b["affines"])["pred_mm"])
+  errors = []
+  for i in range(0, len(cases), batch_size):
+    batch = collate(cases[i:i + batch_size])
+    pred = np.asarray(predict(state.params, batch))
+    errors.append(np.linalg.norm(pred - np.asarray(batch["target_mm"])[:, None], axis=-1))  # (B, S, K)
+  errors = np.concatenate(errors)
+  return np.nanmean(errors, axis=(0, 2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains for `config.train.num_epochs`; returns the last epoch's metrics."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  train_cases, val_cases = load_cases(config.data, seed=config.seed)
+  num_scales = len(config.data.spacings_mm)
+  model = create_model(config.model, num_landmarks=config.data.num_landmarks, num_scales=num_scales)
+  root = jax.random.key(config.seed)
+  example = collate(train_cases[:1])
+  state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
+                                      affines=example["affines"], learning_rate=config.train.learning_rate)
+  step_fn = jax.jit(training.train_step, donate_argnums=0)
+  batch_size, epochs = config.train.batch_size, config.train.num_epochs
+  step, record = 0, {}
+  with open(workdir / "metrics.jsonl", "a") as log:
+    for epoch in range(epochs):
+      start = time.perf_counter()
+      weights = losses.loss_weights(epoch, num_epochs=epochs, num_scales=num_scales)
+      order = np.random.default_rng((config.seed, epoch)).permutation(len(train_cases))
+      epoch_loss = []
+      for i in range(0, len(order) - batch_size + 1, batch_size):
+        batch = collate([train_cases[j] for j in order[i:i + batch_size]])
+        noise_key = jax.random.fold_in(jax.random.fold_in(root, 1), step) if config.train.noise else None
+        state, metrics = step_fn(state, batch, noise_key, weights=weights)
+        epoch_loss.append(float(metrics["loss"]))
+        step += 1
+      val_error = _validate(state, val_cases, batch_size=batch_size)
+      record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_loss)),
+                "loss_weights": np.asarray(weights).round(4).tolist(),
+                "val_error_mm": [round(float(e), 3) for e in val_error], "epoch_s": round(time.perf_counter() - start, 2)}
+      if not np.isfinite(record["train_loss"]):
+        raise FloatingPointError(f"non-finite training loss at epoch {epoch}; see {workdir / 'metrics.jsonl'}")
+      log.write(json.dumps(record) + "\n")
+      log.flush()
+      errors = " ".join(f"{e:.1f}" for e in record["val_error_mm"])
+      print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.1f} mm^2  val error per scale (coarse to "
+            f"fine) {errors} mm  ({record['epoch_s']:.0f} s)", flush=True)
+  return record

@@ -1,0 +1,95 @@
+"""The training step learns, and train.py runs end to end on a tiny config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import multiscale
+from locnet_jax import losses, synthetic, train_lib, training
+from locnet_jax.models import MultiScaleLocNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_training_step_overfits_one_case():
+  case = synthetic.make_case(np.random.default_rng(0), spacings_mm=(8.0, 4.0), finest_size=16,
+                             num_landmarks=2)
+  batch = train_lib.collate([case])
+  model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
+  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+                                      affines=batch["affines"], learning_rate=3e-3)
+  step = jax.jit(training.train_step)
+  weights = jnp.array([1.0, 1.0])
+  first = None
+  for i in range(60):
+    state, metrics = step(state, batch, None, weights=weights)
+    first = first if first is not None else metrics
+  assert state.step == 60
+  assert np.all(np.isfinite(metrics["per_scale_error_mm"]))
+  assert float(metrics["grad_norm"]) > 0 and float(metrics["param_norm"]) > 0
+  # the metrics agree with the model: mean radial error per scale
+  pred = state.apply_fn({"params": state.params}, batch["volumes"], batch["affines"])["pred_mm"]
+  assert float(metrics["loss"]) < 0.3 * float(first["loss"]), (first["loss"], metrics["loss"])
+  assert np.all(np.asarray(metrics["per_scale_error_mm"]) < 0.6 * np.asarray(first["per_scale_error_mm"]))
+  assert pred.shape == (1, 2, 2, 3)
+
+
+def test_loss_and_metrics_match_a_direct_computation():
+  case = synthetic.make_case(np.random.default_rng(1), spacings_mm=(8.0, 4.0), finest_size=16,
+                             num_landmarks=3)
+  batch = train_lib.collate([case])
+  batch["target_mm"] = batch["target_mm"].at[0, 1].set(jnp.nan)
+  model = MultiScaleLocNet(3, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
+  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+                                      affines=batch["affines"], learning_rate=1e-3)
+  weights = jnp.array([0.25, 0.75])
+  loss, metrics = training.loss_and_metrics(state.params, batch, apply_fn=state.apply_fn, weights=weights,
+                                            noise_key=None)
+  pred = np.asarray(model.apply({"params": state.params}, batch["volumes"], batch["affines"])["pred_mm"])
+  dist = np.linalg.norm(pred[0] - np.asarray(case["target_mm"]), axis=-1)[:, [0, 2]]  # (S, present K)
+  np.testing.assert_allclose(metrics["per_scale_error_mm"], dist.mean(axis=1), rtol=1e-5)
+  np.testing.assert_allclose(loss, np.sum(np.asarray(weights) * (dist ** 2).mean(axis=1)), rtol=1e-5)
+
+
+def test_train_py_runs_a_tiny_config_and_logs_the_schedule(tmp_path):
+  overrides = ["--config.data.spacings_mm=(8.0, 4.0)", "--config.data.finest_size=16",
+               "--config.data.num_train=2", "--config.data.num_val=1", "--config.model.patch_size=8",
+               "--config.model.unet.depth=1", "--config.model.unet.base_channels=2",
+               "--config.train.num_epochs=3"]
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo",
+                           f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [0, 1, 2] and records[-1]["step"] == 6
+  for r in records:
+    expected = losses.loss_weights(r["epoch"], num_epochs=3, num_scales=2)
+    np.testing.assert_allclose(r["loss_weights"], expected, atol=1e-4)
+    assert len(r["val_error_mm"]) == 2 and all(np.isfinite(r["val_error_mm"]))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["patch_size"] == 8 and saved["data"]["num_landmarks"] == 2
+  assert "done: final validation error" in result.stdout
+
+
+def test_train_py_rejects_unknown_override(tmp_path):
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo",
+                           f"--workdir={tmp_path}", "--config.train.num_epoch=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "num_epoch" in result.stderr
+
+
+def test_configs_build_their_models():
+  for variant in ("", "demo"):
+    config = multiscale.get_config(variant)
+    model = train_lib.create_model(config.model, num_landmarks=config.data.num_landmarks,
+                                   num_scales=len(config.data.spacings_mm))
+    assert model.num_scales == len(config.data.spacings_mm) and model.patch_shape == (config.model.patch_size,) * 3
+  paper = multiscale.get_config()
+  assert tuple(paper.data.spacings_mm) == (4.0, 2.0, 1.0, 0.5) and paper.data.finest_size == 448
+  assert paper.model.patch_size == 56 and paper.train.learning_rate == 5e-4 and paper.train.num_epochs == 500
+  assert paper.model.noise_mm == 5.0 and paper.train.batch_size == 1
