@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 # lowest first; a new module must be placed here before it can be imported by another
-LAYERS = ["geometry", "io", "preprocess", "synthetic", "ops", "unet", "models", "losses", "training", "train_lib"]
+LAYERS = ["geometry", "io", "preprocess", "datasets", "synthetic", "ops", "unet", "models", "losses", "training", "train_lib"]
 
 
 def _local_imports(path):
@@ -21,16 +21,24 @@ def _local_imports(path):
   return imported
 
 
+def _files(module):
+  """The source files of a module, or of every module of a subpackage."""
+  package = PACKAGE / module
+  return sorted(package.glob("*.py")) if package.is_dir() else [PACKAGE / f"{module}.py"]
+
+
 def test_every_module_is_layered():
   modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+  modules |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
   assert modules == set(LAYERS), f"place new modules in LAYERS: {sorted(modules ^ set(LAYERS))}"
 
 
 @pytest.mark.parametrize("module", LAYERS)
 def test_module_imports_only_lower_layers(module):
   rank = LAYERS.index(module)
-  for imported in _local_imports(PACKAGE / f"{module}.py"):
-    assert imported in LAYERS[:rank], f"locnet_jax.{module} imports locnet_jax.{imported}, not below it"
+  for path in _files(module):
+    for imported in _local_imports(path) - {module}:
+      assert imported in LAYERS[:rank], f"{path.name} of locnet_jax.{module} imports locnet_jax.{imported}"
 
 
 def test_the_check_sees_imports():
