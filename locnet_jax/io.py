@@ -111,7 +111,7 @@ def save_volume(path, data: np.ndarray, affine: np.ndarray) -> None:
   image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, np.float64))
   image.set_sform(np.asarray(affine, np.float64), code=1)
   image.set_qform(np.asarray(affine, np.float64), code=1)
-  _atomic_write(path, image.to_bytes() if not str(path).endswith(".gz") else gzip.compress(image.to_bytes(), 6))
+  atomic_write(path, image.to_bytes() if not str(path).endswith(".gz") else gzip.compress(image.to_bytes(), 6))
 
 
 # ---------------------------------------------------------------- landmark files
@@ -257,7 +257,7 @@ def check_landmarks_in_image(points_mm: np.ndarray, names: Sequence[str], volume
 
 # ---------------------------------------------------------------- writing
 
-def _atomic_write(path, content: bytes | str) -> None:
+def atomic_write(path, content: bytes | str) -> None:
   """Writes `content` to a temporary file beside `path`, then renames it over `path`."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def write_mrk_json(path, names: Sequence[str], points_mm: np.ndarray, *, coordin
             for k, name, xyz in _present(names, points_mm)]
   doc = {"@schema": MRK_SCHEMA, "markups": [{"type": "Fiducial", "coordinateSystem": frame,
                                             "coordinateUnits": "mm", "controlPoints": points}]}
-  _atomic_write(path, json.dumps(doc, indent=2) + "\n")
+  atomic_write(path, json.dumps(doc, indent=2) + "\n")
 
 
 def write_fcsv(path, names: Sequence[str], points_mm: np.ndarray, *, coordinate_system: str = "RAS") -> None:
@@ -309,7 +309,7 @@ def write_fcsv(path, names: Sequence[str], points_mm: np.ndarray, *, coordinate_
     xyz = xyz if frame == "RAS" else geometry.ras_to_lps(xyz)
     writer.writerow([f"vtkMRMLMarkupsFiducialNode_{k + 1}", *(repr(float(v)) for v in xyz),
                      0, 0, 0, 1, 1, 1, 0, name, "", ""])
-  _atomic_write(path, out.getvalue())
+  atomic_write(path, out.getvalue())
 
 
 def write_landmarks_csv(path, names: Sequence[str], points_mm: np.ndarray) -> None:
@@ -319,7 +319,7 @@ def write_landmarks_csv(path, names: Sequence[str], points_mm: np.ndarray) -> No
   writer.writerow(["label", "x", "y", "z"])
   for _, name, xyz in _present(names, points_mm):
     writer.writerow([name, *(repr(float(v)) for v in xyz)])
-  _atomic_write(path, out.getvalue())
+  atomic_write(path, out.getvalue())
 
 
 PREDICTION_COLUMNS = ("case_id", "label", "x", "y", "z", "std_x", "std_y", "std_z", "confidence_volume_mm3")
@@ -337,7 +337,7 @@ def write_predictions_csv(path, rows: Sequence[dict]) -> None:
       values.append("" if isinstance(v, float) and math.isnan(v) else (repr(float(v)) if isinstance(
           v, (float, np.floating)) else v))
     writer.writerow(values)
-  _atomic_write(path, out.getvalue())
+  atomic_write(path, out.getvalue())
 
 
 # ---------------------------------------------------------------- manifest

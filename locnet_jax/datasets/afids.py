@@ -282,10 +282,10 @@ def build(out_dir, *, num_train: int = 48, num_val: int = 8, num_test: int = 16,
     log(f"{case_id} ({split}, {case['orientation']}) written")
   baseline = constant_baseline(info, landmarks)
   manifest = {"name": f"afids-mni-{modality.lower()}-seed{seed}", "landmarks": list(landmarks), "cases": cases}
-  io._atomic_write(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
+  io.atomic_write(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
   build_info = {"source": "MNI152NLin2009cAsym template + AFIDs consensus", "modality": modality,
                 "seed": seed, "elastic": elastic, "constant_baseline_test": baseline, "cases": info}
-  io._atomic_write(out_dir / "build_info.json", json.dumps(build_info, indent=1) + "\n")
+  io.atomic_write(out_dir / "build_info.json", json.dumps(build_info, indent=1) + "\n")
   log(f"constant baseline (mean training position) on the test split: {baseline['mean_mm']:.2f} mm mean, "
       f"{baseline['median_mm']:.2f} mm median radial error")
   return out_dir / "dataset.json"

@@ -1,0 +1,174 @@
+"""The input pipeline: preprocess each image once into a disk cache, then augment ahead of the device.
+
+Cache: one ``.npz`` per (image, preprocessing settings), named by a hash of the image file's bytes and
+the settings, so editing either makes a new entry (and a stale one is never read). Writes are atomic.
+Loader: epoch batches whose augmentation is drawn from ``np.random.default_rng((seed, epoch, index))``
+and computed in background worker processes while the device trains on the previous batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io as _io
+import json
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from locnet_jax import augment as augment_lib
+from locnet_jax import io, preprocess
+
+CACHE_VERSION = 1  # bump when preprocessing code changes what it produces
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSettings:
+  spacings_mm: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)  # coarse to fine
+  finest_size: int = 448
+  intensity: str = "mr"  # "ct", "mr" or "none"
+  ct_window_hu: tuple[float, float] = (-1000.0, 1000.0)
+  mr_percentiles: tuple[float, float] = (0.5, 99.5)
+  storage_dtype: str = "float16"  # cache storage; float16 halves disk use of [0, 1] images
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One case ready for the model: its pyramid and landmarks (K, 3) RAS mm (NaN rows if missing)."""
+
+  case_id: str
+  pyramid: preprocess.Pyramid
+  target_mm: np.ndarray
+
+
+def _file_digest(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def cache_key(image: Path, settings: PreprocessSettings) -> str:
+  payload = json.dumps({"image": _file_digest(image), "settings": dataclasses.asdict(settings),
+                        "version": CACHE_VERSION}, sort_keys=True)
+  return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def compute_pyramid(image: Path, settings: PreprocessSettings) -> preprocess.Pyramid:
+  volume = io.load_volume(image)
+  data = preprocess.normalize_intensity(volume.data, mode=settings.intensity, ct_window_hu=settings.ct_window_hu,
+                                        mr_percentiles=settings.mr_percentiles)
+  return preprocess.build_pyramid(data, volume.affine, spacings_mm=settings.spacings_mm,
+                                  finest_size=settings.finest_size)
+
+
+def load_pyramid(image: Path, settings: PreprocessSettings, cache_dir: Path | None) -> preprocess.Pyramid:
+  """The image's pyramid from the cache, computing and storing it on a miss (no cache if None)."""
+  if cache_dir is None:
+    return compute_pyramid(image, settings)
+  path = Path(cache_dir) / f"{Path(image).name.split('.')[0]}-{cache_key(image, settings)}.npz"
+  if path.is_file():
+    with np.load(path) as f:
+      count = int(f["count"])
+      return preprocess.Pyramid(tuple(f[f"volume{s}"].astype(np.float32) for s in range(count)),
+                                tuple(f[f"affine{s}"] for s in range(count)))
+  pyramid = compute_pyramid(image, settings)
+  arrays = {"count": np.array(len(pyramid.volumes))}
+  for s, (v, a) in enumerate(zip(pyramid.volumes, pyramid.affines)):
+    arrays[f"volume{s}"] = v.astype(settings.storage_dtype)
+    arrays[f"affine{s}"] = a
+  buffer = _io.BytesIO()
+  np.savez(buffer, **arrays)
+  io.atomic_write(path, buffer.getvalue())
+  return load_pyramid(image, settings, cache_dir)  # what training reads is exactly what is stored
+
+
+def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettings,
+                 cache_dir: Path | None) -> Example:
+  """A manifest case as an Example; its landmarks must lie inside its image."""
+  target = np.full((len(names), 3), np.nan)
+  if case.landmarks is not None:
+    target = io.load_landmarks(case.landmarks, names)
+    io.check_landmarks_in_image(target, names, io.load_volume(case.image), case.landmarks)
+  return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
+
+
+def _augmented(example: Example, seed_triple, settings) -> Example:
+  if settings is None:
+    return example
+  pyramid, target, _ = augment_lib.augment(example.pyramid, example.target_mm,
+                                           np.random.default_rng(seed_triple), settings)
+  return Example(example.case_id, pyramid, target)
+
+
+def collate(examples: Sequence[Example]) -> dict:
+  """A batch as NumPy arrays: volumes/affines per scale (B, ...), target_mm (B, K, 3), float32."""
+  count = len(examples[0].pyramid.volumes)
+  return {"volumes": [np.stack([e.pyramid.volumes[s] for e in examples]).astype(np.float32) for s in range(count)],
+          "affines": [np.stack([e.pyramid.affines[s] for e in examples]).astype(np.float32) for s in range(count)],
+          "target_mm": np.stack([e.target_mm for e in examples]).astype(np.float32)}
+
+
+class Loader:
+  """Shuffled, augmented training batches, prepared by `workers` background processes (0: inline).
+
+  `epoch(e)` yields the batches of epoch e; at most `prefetch` batches are in flight. The result depends
+  only on (seed, epoch, case order), never on timing or the number of workers.
+  """
+
+  def __init__(self, examples: Sequence[Example], *, batch_size: int, seed: int,
+               augment: augment_lib.AugmentSettings | None, workers: int = 1, prefetch: int = 2):
+    if not examples:
+      raise ValueError("the loader needs at least one example")
+    self.examples, self.batch_size, self.seed = list(examples), batch_size, seed
+    self.augment, self.prefetch = augment, max(1, prefetch)
+    self._pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                  if workers > 0 else None)
+
+  def steps_per_epoch(self) -> int:
+    return len(self.examples) // self.batch_size
+
+  def _job(self, epoch: int, indices):
+    jobs = [(self.examples[i], (self.seed, epoch, int(i)), self.augment) for i in indices]
+    if self._pool is None:
+      return _ready([_augmented(*job) for job in jobs])
+    return [self._pool.submit(_augmented, *job) for job in jobs]
+
+  def epoch(self, epoch: int) -> Iterator[dict]:
+    order = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
+    batches = [order[i:i + self.batch_size] for i in range(0, self.steps_per_epoch() * self.batch_size,
+                                                          self.batch_size)]
+    pending = deque()
+    for indices in batches:
+      pending.append(self._job(epoch, indices))
+      if len(pending) > self.prefetch:
+        yield collate([f.result() for f in pending.popleft()])
+    while pending:
+      yield collate([f.result() for f in pending.popleft()])
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class _Done:
+  def __init__(self, value):
+    self._value = value
+
+  def result(self):
+    return self._value
+
+
+def _ready(values):
+  return [_Done(v) for v in values]

@@ -1,0 +1,118 @@
+"""Augmentation moves image and landmarks together; the cache is keyed by content and settings; the
+loader is deterministic whatever the number of workers."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from locnet_jax import augment, geometry, io, pipeline, preprocess
+
+SETTINGS = pipeline.PreprocessSettings(spacings_mm=(4.0, 2.0), finest_size=32, intensity="none",
+                                       storage_dtype="float32")
+
+
+def _blob_pyramid(center_mm, sigma_mm=4.0):
+  affine = np.diag([1.5, 1.5, 1.5, 1.0])
+  affine[:3, 3] = -30
+  shape = (40, 40, 40)
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+  data = np.exp(-np.sum((geometry.vox_to_mm(grid, affine) - center_mm) ** 2, -1) / (2 * sigma_mm ** 2))
+  return preprocess.build_pyramid(data.astype(np.float32), affine, spacings_mm=(4.0, 2.0, 1.0), finest_size=48)
+
+
+def _com_mm(volume, affine):
+  w = np.clip(volume - np.median(volume), 0, None) ** 2
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij"), -1)
+  return geometry.vox_to_mm((grid * w[..., None]).sum((0, 1, 2)) / w.sum(), affine)
+
+
+def test_augmentation_moves_image_and_landmarks_together():
+  center = np.array([5.0, -3.0, 4.0])
+  pyramid = _blob_pyramid(center)
+  settings = augment.AugmentSettings(max_rotation_deg=15, max_scale=0.1, max_translation_mm=6, noise_std=0.0,
+                                     max_gamma=0.0, max_intensity_scale=0.0, max_intensity_shift=0.0)
+  target = np.array([center, [np.nan] * 3])
+  moved_pyramid, moved_target, transform = augment.augment(pyramid, target, np.random.default_rng(1), settings)
+  assert np.linalg.norm(moved_target[0] - center) > 1.0 and np.all(np.isnan(moved_target[1]))
+  for volume, affine, tol in zip(moved_pyramid.volumes, moved_pyramid.affines, (0.6, 0.15, 0.1)):
+    np.testing.assert_allclose(_com_mm(volume, affine), moved_target[0], atol=tol)
+  np.testing.assert_allclose(moved_target[0], geometry.apply_affine(transform, center))
+
+
+def test_augmentation_is_deterministic_per_seed():
+  pyramid = _blob_pyramid(np.zeros(3))
+  settings = augment.AugmentSettings()
+  a = augment.augment(pyramid, np.zeros((1, 3)), np.random.default_rng((0, 1, 2)), settings)
+  b = augment.augment(pyramid, np.zeros((1, 3)), np.random.default_rng((0, 1, 2)), settings)
+  c = augment.augment(pyramid, np.zeros((1, 3)), np.random.default_rng((0, 1, 3)), settings)
+  np.testing.assert_array_equal(a[0].volumes[-1], b[0].volumes[-1])
+  assert not np.allclose(a[1], c[1])
+
+
+def _image(path, seed=0, shift=0.0):
+  rng = np.random.default_rng(seed)
+  image = nib.Nifti1Image(rng.normal(size=(20, 22, 18)).astype(np.float32) + shift, np.diag([1.5, 1.5, 2.0, 1.0]))
+  nib.save(image, str(path))
+  return path
+
+
+def test_cache_is_written_once_then_read_and_invalidated_by_content_and_settings(tmp_path, monkeypatch):
+  image = _image(tmp_path / "a.nii.gz")
+  cache = tmp_path / "cache"
+  first = pipeline.load_pyramid(image, SETTINGS, cache)
+  assert len(list(cache.glob("a-*.npz"))) == 1
+  fresh = pipeline.compute_pyramid(image, SETTINGS)
+  for x, y in zip(first.volumes, fresh.volumes):
+    np.testing.assert_array_equal(x, y)
+  calls = []
+  real = pipeline.compute_pyramid
+  monkeypatch.setattr(pipeline, "compute_pyramid", lambda *a: calls.append(a) or real(*a))
+  again = pipeline.load_pyramid(image, SETTINGS, cache)
+  assert calls == [] and np.array_equal(again.volumes[1], first.volumes[1])
+  pipeline.load_pyramid(image, pipeline.PreprocessSettings(**{**SETTINGS.__dict__, "finest_size": 16}), cache)
+  assert len(calls) == 1 and len(list(cache.glob("a-*.npz"))) == 2
+  _image(image, seed=0, shift=1.0)  # same name, new content
+  changed = pipeline.load_pyramid(image, SETTINGS, cache)
+  assert len(calls) == 2 and not np.allclose(changed.volumes[1], first.volumes[1])
+  assert not list(cache.glob(".*tmp"))
+
+
+def test_float16_cache_is_close_to_the_computed_pyramid(tmp_path):
+  image = _image(tmp_path / "b.nii.gz")
+  settings = pipeline.PreprocessSettings(spacings_mm=(4.0, 2.0), finest_size=32, intensity="mr")
+  cached = pipeline.load_pyramid(image, settings, tmp_path)
+  computed = pipeline.compute_pyramid(image, settings)
+  assert cached.volumes[1].dtype == np.float32
+  np.testing.assert_allclose(cached.volumes[1], computed.volumes[1], atol=1e-3)
+
+
+def test_landmark_outside_its_image_is_reported(tmp_path):
+  image = _image(tmp_path / "c.nii.gz")
+  io.write_landmarks_csv(tmp_path / "c.csv", ["AC"], np.array([[100.0, 0.0, 0.0]]))
+  case = io.Case("c", image, tmp_path / "c.csv", "train")
+  with pytest.raises(io.DataError, match="c.csv: landmark 'AC' .* outside the image"):
+    pipeline.load_example(case, ["AC"], SETTINGS, None)
+
+
+def _examples(n=5):
+  out = []
+  for i in range(n):
+    pyramid = _blob_pyramid(np.array([i, -i, 2.0 * i]))
+    out.append(pipeline.Example(f"c{i}", pyramid, np.array([[i, -i, 2.0 * i]], float)))
+  return out
+
+
+def test_loader_is_deterministic_whatever_the_workers():
+  examples = _examples()
+  settings = augment.AugmentSettings()
+  with pipeline.Loader(examples, batch_size=2, seed=7, augment=settings, workers=0) as inline, \
+       pipeline.Loader(examples, batch_size=2, seed=7, augment=settings, workers=1, prefetch=3) as background:
+    a, b = list(inline.epoch(3)), list(background.epoch(3))
+    other_epoch = list(inline.epoch(4))
+  assert len(a) == len(b) == 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["target_mm"], y["target_mm"])
+    for s in range(3):
+      np.testing.assert_array_equal(x["volumes"][s], y["volumes"][s])
+  assert a[0]["volumes"][2].shape == (2, 48, 48, 48) and a[0]["affines"][0].shape == (2, 4, 4)
+  assert not np.allclose(a[0]["target_mm"], other_epoch[0]["target_mm"])
