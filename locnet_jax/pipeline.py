@@ -98,7 +98,31 @@ def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettin
   return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
 
 
-def _augmented(example: Example, seed_triple, settings) -> Example:
+@dataclasses.dataclass(frozen=True)
+class CachedCase:
+  """A case the loader's workers read themselves (from the pyramid cache), so no pyramid is ever pickled."""
+
+  case: io.Case
+  names: tuple[str, ...]
+  settings: PreprocessSettings
+  cache_dir: Path
+
+  def __call__(self) -> Example:
+    return load_example(self.case, self.names, self.settings, self.cache_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemory:
+  """An example held in memory (pickled to each worker that needs it: fine for small data)."""
+
+  example: Example
+
+  def __call__(self) -> Example:
+    return self.example
+
+
+def _augmented(source, seed_triple, settings) -> Example:
+  example = source()
   if settings is None:
     return example
   pyramid, target, _ = augment_lib.augment(example.pyramid, example.target_mm,
@@ -117,30 +141,32 @@ def collate(examples: Sequence[Example]) -> dict:
 class Loader:
   """Shuffled, augmented training batches, prepared by `workers` background processes (0: inline).
 
+  `sources` are `CachedCase`s (workers read the cache themselves) or `Example`s (held in memory).
   `epoch(e)` yields the batches of epoch e; at most `prefetch` batches are in flight. The result depends
   only on (seed, epoch, case order), never on timing or the number of workers.
   """
 
-  def __init__(self, examples: Sequence[Example], *, batch_size: int, seed: int,
+  def __init__(self, sources: Sequence, *, batch_size: int, seed: int,
                augment: augment_lib.AugmentSettings | None, workers: int = 1, prefetch: int = 2):
-    if not examples:
+    if not sources:
       raise ValueError("the loader needs at least one example")
-    self.examples, self.batch_size, self.seed = list(examples), batch_size, seed
+    self.sources = [InMemory(s) if isinstance(s, Example) else s for s in sources]
+    self.batch_size, self.seed = batch_size, seed
     self.augment, self.prefetch = augment, max(1, prefetch)
     self._pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                   if workers > 0 else None)
 
   def steps_per_epoch(self) -> int:
-    return len(self.examples) // self.batch_size
+    return len(self.sources) // self.batch_size
 
   def _job(self, epoch: int, indices):
-    jobs = [(self.examples[i], (self.seed, epoch, int(i)), self.augment) for i in indices]
+    jobs = [(self.sources[i], (self.seed, epoch, int(i)), self.augment) for i in indices]
     if self._pool is None:
       return _ready([_augmented(*job) for job in jobs])
     return [self._pool.submit(_augmented, *job) for job in jobs]
 
   def epoch(self, epoch: int) -> Iterator[dict]:
-    order = np.random.default_rng((self.seed, epoch)).permutation(len(self.examples))
+    order = np.random.default_rng((self.seed, epoch)).permutation(len(self.sources))
     batches = [order[i:i + self.batch_size] for i in range(0, self.steps_per_epoch() * self.batch_size,
                                                           self.batch_size)]
     pending = deque()
