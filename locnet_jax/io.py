@@ -257,11 +257,16 @@ def check_landmarks_in_image(points_mm: np.ndarray, names: Sequence[str], volume
 
 # ---------------------------------------------------------------- writing
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path, content: bytes | str) -> None:
   """Writes `content` to a temporary file beside `path`, then renames it over `path`."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(content.encode() if isinstance(content, str) else content)

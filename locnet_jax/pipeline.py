@@ -15,6 +15,7 @@ import io as _io
 import json
 import multiprocessing
 from collections import deque
+from multiprocessing import resource_tracker, shared_memory
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -130,6 +131,39 @@ def _augmented(source, seed_triple, settings) -> Example:
   return Example(example.case_id, pyramid, target)
 
 
+def _augmented_in_shared_memory(source, seed_triple, settings):
+  """In a worker: the augmented example with its volumes in one shared-memory block (not pickled)."""
+  example = _augmented(source, seed_triple, settings)
+  volumes = example.pyramid.volumes
+  block = shared_memory.SharedMemory(create=True, size=max(1, sum(v.nbytes for v in volumes)))
+  resource_tracker.unregister(block._name, "shared_memory")  # the receiving process unlinks it
+  offset, layout = 0, []
+  for v in volumes:
+    np.ndarray(v.shape, v.dtype, buffer=block.buf, offset=offset)[...] = v
+    layout.append((v.shape, v.dtype.str, offset))
+    offset += v.nbytes
+  block.close()
+  return block.name, layout, example.pyramid.affines, example.target_mm, example.case_id
+
+
+class _FromSharedMemory:
+  """A pending worker result; `result()` copies the volumes out of shared memory and frees it."""
+
+  def __init__(self, future):
+    self._future = future
+
+  def result(self) -> Example:
+    name, layout, affines, target, case_id = self._future.result()
+    block = shared_memory.SharedMemory(name=name)
+    try:
+      volumes = tuple(np.ndarray(shape, dtype, buffer=block.buf, offset=offset).copy()
+                      for shape, dtype, offset in layout)
+    finally:
+      block.close()
+      block.unlink()
+    return Example(case_id, preprocess.Pyramid(volumes, affines), target)
+
+
 def collate(examples: Sequence[Example]) -> dict:
   """A batch as NumPy arrays: volumes/affines per scale (B, ...), target_mm (B, K, 3), float32."""
   count = len(examples[0].pyramid.volumes)
@@ -163,7 +197,7 @@ class Loader:
     jobs = [(self.sources[i], (self.seed, epoch, int(i)), self.augment) for i in indices]
     if self._pool is None:
       return _ready([_augmented(*job) for job in jobs])
-    return [self._pool.submit(_augmented, *job) for job in jobs]
+    return [_FromSharedMemory(self._pool.submit(_augmented_in_shared_memory, *job)) for job in jobs]
 
   def epoch(self, epoch: int) -> Iterator[dict]:
     order = np.random.default_rng((self.seed, epoch)).permutation(len(self.sources))
@@ -179,7 +213,7 @@ class Loader:
 
   def close(self) -> None:
     if self._pool is not None:
-      self._pool.shutdown(cancel_futures=True)
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self):
     return self

@@ -69,12 +69,14 @@ def image_center_mm(shape, affine) -> np.ndarray:
 
 
 def resample(data: np.ndarray, affine: np.ndarray, *, target_affine: np.ndarray, target_shape,
-             fill: float = 0.0, slab: int = 32) -> np.ndarray:
+             fill: float = 0.0, world_map=None, slab: int = 32) -> np.ndarray:
   """Trilinear resampling of `data` (voxel->RAS `affine`) onto another grid; `fill` outside the image.
 
-  When the target is coarser than the source along a source axis, the source is first smoothed with
-  a Gaussian (std 0.42 * sqrt(r^2 - 1) voxels for a spacing ratio r) against aliasing. Works in slabs
-  of the target's first axis to bound memory at 448^3.
+  The target voxel at world point p takes the source's value at p, or at ``world_map(p)`` when given
+  (a function of (N, 3) RAS mm points: how augmentation and the AFIDs builder move images). When the
+  target is coarser than the source along a source axis, the source is first smoothed with a Gaussian
+  (std 0.42 * sqrt(r^2 - 1) voxels for a spacing ratio r) against aliasing. Works in slabs of the
+  target's first axis to bound memory at 448^3.
   """
   data = np.asarray(data, np.float32)
   source_spacing = geometry.voxel_spacing_mm(affine)
@@ -83,14 +85,15 @@ def resample(data: np.ndarray, affine: np.ndarray, *, target_affine: np.ndarray,
   sigma = np.where(ratio > 1, 0.42 * np.sqrt(np.maximum(ratio ** 2 - 1, 0)), 0.0)
   if np.any(sigma > 0.1):
     data = scipy.ndimage.gaussian_filter(data, sigma, mode="nearest")
-  target_to_source = np.linalg.inv(affine) @ target_affine
+  world_to_source = np.linalg.inv(affine)
   out = np.empty(tuple(target_shape), np.float32)
   ny, nz = target_shape[1], target_shape[2]
   grid_yz = np.stack(np.meshgrid(np.arange(ny), np.arange(nz), indexing="ij"), axis=-1).reshape(-1, 2)
   for x0 in range(0, target_shape[0], slab):
     xs = np.arange(x0, min(x0 + slab, target_shape[0]))
     vox = np.concatenate([np.repeat(xs, len(grid_yz))[:, None], np.tile(grid_yz, (len(xs), 1))], axis=1)
-    src = geometry.apply_affine(target_to_source, vox.astype(np.float64))
+    world = geometry.apply_affine(target_affine, vox.astype(np.float64))
+    src = geometry.apply_affine(world_to_source, world if world_map is None else world_map(world))
     out[x0:x0 + len(xs)] = scipy.ndimage.map_coordinates(
         data, src.T, order=1, mode="constant", cval=fill, prefilter=False).reshape(len(xs), ny, nz)
   return out

@@ -1,9 +1,7 @@
 """The AFIDs benchmark builder: images and landmarks moved by the same transform, from folder and wheel."""
 
 import json
-import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """NIfTI volumes, 3D Slicer landmark files and the manifest: real files written to tmp_path."""
 
-import gzip
 import json
 
 import nibabel as nib
@@ -74,6 +73,7 @@ def test_save_volume_round_trips(tmp_path):
     np.testing.assert_array_equal(volume.data, data)
     np.testing.assert_allclose(volume.affine, AFFINES["oblique_flipped_anisotropic"], atol=1e-5)
   assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+  assert (tmp_path / "a.nii").stat().st_mode & 0o044 == 0o044  # readable by others, unlike mkstemp's 0600
 
 
 def test_voxel_world_round_trip_through_a_stored_oblique_affine(tmp_path):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io as _io
 import json
 import os
 import subprocess
@@ -33,10 +32,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, io
+from locnet_jax import augment, io, preprocess
 
 # The 32 AFIDs in file order (acronyms from afids-utils' afids_descs.json, MIT licence).
 AFID_NAMES = ("AC", "PC", "ICS", "PMJ", "SIPF", "RSLMS", "LSLMS", "RILMS", "LILMS", "CUL", "IMS", "RMB", "LMB",
@@ -159,52 +157,6 @@ def reoriented_grid(affine: np.ndarray, shape, orientation: str) -> tuple[np.nda
   return affine @ index_map, new_shape
 
 
-class ElasticField:
-  """A smooth random displacement field (RAS mm) on a coarse grid over a world box, trilinear in between."""
-
-  def __init__(self, rng: np.random.Generator, *, lower_mm, upper_mm, max_mm: float = 3.0, nodes: int = 5):
-    self.lower = np.asarray(lower_mm, np.float64)
-    self.step = (np.asarray(upper_mm, np.float64) - self.lower) / (nodes - 1)
-    self.values = rng.uniform(-max_mm, max_mm, (3, nodes, nodes, nodes))
-
-  def __call__(self, points_mm: np.ndarray) -> np.ndarray:
-    grid = ((points_mm - self.lower) / self.step).T
-    return np.stack([scipy.ndimage.map_coordinates(v, grid, order=1, mode="nearest") for v in self.values], -1)
-
-
-def warp_image(template: io.Volume, *, transform: np.ndarray, affine: np.ndarray, shape, elastic=None,
-               slab: int = 32) -> np.ndarray:
-  """The template moved by `transform` (then `elastic`), sampled on the grid (`affine`, `shape`).
-
-  The output at world point p is the template at ``inv(transform) @ (p + elastic(p))``; outside the
-  template it is 0.
-  """
-  to_template_vox = np.linalg.inv(template.affine) @ np.linalg.inv(transform)
-  out = np.empty(shape, np.float32)
-  yz = np.stack(np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1).reshape(-1, 2)
-  for x0 in range(0, shape[0], slab):
-    xs = np.arange(x0, min(x0 + slab, shape[0]))
-    vox = np.concatenate([np.repeat(xs, len(yz))[:, None], np.tile(yz, (len(xs), 1))], axis=1).astype(np.float64)
-    p = geometry.apply_affine(affine, vox)
-    if elastic is not None:
-      p = p + elastic(p)
-    src = geometry.apply_affine(to_template_vox, p)
-    out[x0:x0 + len(xs)] = scipy.ndimage.map_coordinates(template.data, src.T, order=1, mode="constant",
-                                                         cval=0.0, prefilter=False).reshape(len(xs), *shape[1:])
-  return out
-
-
-def move_points(points_mm: np.ndarray, *, transform: np.ndarray, elastic=None, iterations: int = 20) -> np.ndarray:
-  """Where template points land in the warped image: solves inv(transform)(p + elastic(p)) = point."""
-  moved = geometry.apply_affine(transform, points_mm)
-  if elastic is None:
-    return moved
-  p = moved.copy()
-  for _ in range(iterations):  # fixed point p = transform(point) - elastic(p); the field is small and smooth
-    p = moved - elastic(p)
-  return p
-
-
 def vary_intensity(data: np.ndarray, rng: np.random.Generator, affine: np.ndarray) -> np.ndarray:
   """Gamma, a smooth multiplicative bias field (+-10 %), a global scale and 1 % noise."""
   top = float(np.percentile(data, 99.9)) or 1.0
@@ -224,14 +176,13 @@ def make_case(template: io.Volume, points_mm: np.ndarray, rng: np.random.Generat
   transform = random_affine_transform(rng)
   orientation = list(ORIENTATIONS)[rng.integers(len(ORIENTATIONS))]
   affine, shape = reoriented_grid(template.affine, template.data.shape, orientation)
-  field = None
-  if elastic:
-    corners = geometry.vox_to_mm(np.array([[0, 0, 0], np.asarray(shape) - 1], np.float64), affine)
-    field = ElasticField(rng, lower_mm=corners.min(0), upper_mm=corners.max(0))
-  data = warp_image(template, transform=transform, affine=affine, shape=shape, elastic=field)
+  field = augment.ElasticField.over_grid(rng, affine, shape, max_mm=3.0) if elastic else None
+  data = preprocess.resample(template.data, template.affine, target_affine=affine, target_shape=shape,
+                             world_map=augment.source_points(transform, field))
   if intensity:
     data = vary_intensity(data, rng, affine)
-  return {"data": data, "affine": affine, "points_mm": move_points(points_mm, transform=transform, elastic=field),
+  return {"data": data, "affine": affine,
+          "points_mm": augment.move_points(points_mm, transform=transform, elastic=field),
           "transform": transform, "orientation": orientation}
 
 
