@@ -18,9 +18,6 @@ import jax.numpy as jnp
 from locnet_jax import geometry, ops
 from locnet_jax.unet import UNet3D
 
-_vmap_batch_and_landmarks = lambda f: jax.vmap(jax.vmap(f))  # noqa: E731  (B, K, ...) -> (B, K, ...)
-
-
 def _batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
   affine = jnp.asarray(affine, jnp.float32)
   if affine.shape == (4, 4):
@@ -108,7 +105,7 @@ class MultiScaleLocNet(nn.Module):
       raise ValueError(f"num_landmarks must be an int >= 1, got {self.num_landmarks!r}")
     if not isinstance(self.num_scales, int) or self.num_scales < 1:
       raise ValueError(f"num_scales must be an int >= 1, got {self.num_scales!r}")
-    ops._as_shape3(self.patch_shape)
+    ops.as_shape3(self.patch_shape)
     if self.com_kind not in ops.CENTER_OF_MASS_KINDS:
       raise ValueError(f"com_kind must be one of {ops.CENTER_OF_MASS_KINDS}, got {self.com_kind!r}")
     if not self.noise_mm >= 0:

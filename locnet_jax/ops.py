@@ -24,7 +24,7 @@ def _check_volume(name: str, array, ndim: int = 3) -> None:
     raise ValueError(f"{name} must not be empty, got shape {tuple(array.shape)}")
 
 
-def _as_shape3(shape) -> tuple[int, int, int]:
+def as_shape3(shape) -> tuple[int, int, int]:
   """Normalises an int or a 3-sequence of ints to a 3-tuple, rejecting anything else."""
   if isinstance(shape, (int, np.integer)):
     shape = (int(shape),) * 3
@@ -78,7 +78,7 @@ def patch_grid_vox(center_vox: jax.Array, *, shape, step=1.0) -> jax.Array:
 
   Patch index ``j`` on an axis of length ``n`` samples ``center_vox + (j - (n - 1) / 2) * step``.
   """
-  shape = _as_shape3(shape)
+  shape = as_shape3(shape)
   center_vox = jnp.asarray(center_vox, jnp.float32)
   step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (3,))
   axes = [center_vox[a] + (jnp.arange(n, dtype=jnp.float32) - (n - 1) / 2) * step[a]
@@ -89,7 +89,7 @@ def patch_grid_vox(center_vox: jax.Array, *, shape, step=1.0) -> jax.Array:
 def patch_to_volume_vox(points_patch_vox: jax.Array, center_vox: jax.Array, *, shape,
                         step=1.0) -> jax.Array:
   """Maps points (..., 3) from a patch's `_vox` frame to the volume's, for a patch cut by `crop_patch`."""
-  shape = jnp.asarray(_as_shape3(shape), jnp.float32)
+  shape = jnp.asarray(as_shape3(shape), jnp.float32)
   return center_vox + (points_patch_vox - (shape - 1) / 2) * jnp.asarray(step, jnp.float32)
 
 
@@ -133,7 +133,7 @@ def gaussian_heatmap(shape, center_vox: jax.Array, *, sigma_vox) -> jax.Array:
   Returns:
     (X, Y, Z) float32, built as the outer product of three 1-D Gaussians.
   """
-  shape = _as_shape3(shape)
+  shape = as_shape3(shape)
   center_vox = jnp.asarray(center_vox, jnp.float32)
   sigma_vox = jnp.broadcast_to(jnp.asarray(sigma_vox, jnp.float32), (3,))
   g = [jnp.exp(-0.5 * ((jnp.arange(n, dtype=jnp.float32) - center_vox[a]) / sigma_vox[a]) ** 2)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from locnet_jax.pipeline import Example
+from locnet_jax.preprocess import Pyramid
+
 
 def pyramid_affines(*, spacings_mm, finest_size: int) -> list[np.ndarray]:
   """Voxel->RAS affines (4, 4) of world-aligned isotropic grids sharing one field of view centred at 0."""
@@ -35,8 +38,8 @@ def _separable_gaussian(axes_mm, center_mm, sigma_mm):
 
 
 def make_case(rng: np.random.Generator, *, spacings_mm, finest_size: int, num_landmarks: int,
-              broad_sigma_mm: float | None = None, noise: float = 0.05) -> dict:
-  """One synthetic case: {"volumes": [S x (X, Y, Z) float32], "affines": [S x (4, 4)], "target_mm": (K, 3)}.
+              broad_sigma_mm: float | None = None, noise: float = 0.05, case_id: str = "synthetic") -> Example:
+  """One synthetic case as a `pipeline.Example`: its pyramid (S levels) and landmarks (K, 3) RAS mm.
 
   Landmarks are uniform in the central half of the field of view. `broad_sigma_mm` defaults to the
   coarsest spacing; the sharp core has a std of twice the finest spacing.
@@ -59,10 +62,9 @@ def make_case(rng: np.random.Generator, *, spacings_mm, finest_size: int, num_la
       image += amplitude * (_separable_gaussian(axes_mm, center, broad) + _separable_gaussian(axes_mm, center, core))
     image += noise * rng.standard_normal(shape)
     volumes.append(image.astype(np.float32))
-  return {"volumes": volumes, "affines": [a.astype(np.float32) for a in affines],
-          "target_mm": target_mm.astype(np.float32)}
+  return Example(case_id, Pyramid(tuple(volumes), tuple(affines)), target_mm)
 
 
-def make_cases(seed: int, count: int, **kwargs) -> list[dict]:
+def make_cases(seed: int, count: int, **kwargs) -> list[Example]:
   """`count` cases, case i drawn from ``np.random.default_rng((seed, i))``."""
-  return [make_case(np.random.default_rng((seed, i)), **kwargs) for i in range(count)]
+  return [make_case(np.random.default_rng((seed, i)), case_id=f"synthetic{i:03d}", **kwargs) for i in range(count)]

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from locnet_jax import losses, synthetic, training
+from locnet_jax import losses, pipeline, synthetic, training
 from locnet_jax.models import MultiScaleLocNet
 
 MODEL_KINDS = ("multiscale",)
@@ -34,7 +33,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
   raise ValueError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
 
 
-def load_cases(data_config: ml_collections.ConfigDict, *, seed: int) -> tuple[list[dict], list[dict]]:
+def load_cases(data_config: ml_collections.ConfigDict, *, seed: int
+               ) -> tuple[list[pipeline.Example], list[pipeline.Example]]:
   """(train cases, validation cases) for the config's data source."""
   if data_config.source == "synthetic":
     kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
@@ -44,20 +44,12 @@ def load_cases(data_config: ml_collections.ConfigDict, *, seed: int) -> tuple[li
   raise ValueError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic',)")
 
 
-def collate(cases: list[dict]) -> dict[str, Any]:
-  """Stacks cases into a batch: volumes/affines per scale (B, ...), target_mm (B, K, 3)."""
-  num_scales = len(cases[0]["volumes"])
-  return {"volumes": [jnp.asarray(np.stack([c["volumes"][s] for c in cases])) for s in range(num_scales)],
-          "affines": [jnp.asarray(np.stack([c["affines"][s] for c in cases])) for s in range(num_scales)],
-          "target_mm": jnp.asarray(np.stack([c["target_mm"] for c in cases]))}
-
-
 def _validate(state, cases, *, batch_size) -> np.ndarray:
   """Mean radial error (mm) per scale over the validation cases, no noise."""
   predict = jax.jit(lambda p, b: state.apply_fn({"params": p}, b["volumes"], b["affines"])["pred_mm"])
   errors = []
   for i in range(0, len(cases), batch_size):
-    batch = collate(cases[i:i + batch_size])
+    batch = pipeline.collate(cases[i:i + batch_size])
     pred = np.asarray(predict(state.params, batch))
     errors.append(np.linalg.norm(pred - np.asarray(batch["target_mm"])[:, None], axis=-1))  # (B, S, K)
   errors = np.concatenate(errors)
@@ -73,20 +65,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   num_scales = len(config.data.spacings_mm)
   model = create_model(config.model, num_landmarks=config.data.num_landmarks, num_scales=num_scales)
   root = jax.random.key(config.seed)
-  example = collate(train_cases[:1])
+  example = pipeline.collate(train_cases[:1])
   state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
                                       affines=example["affines"], learning_rate=config.train.learning_rate)
   step_fn = jax.jit(training.train_step, donate_argnums=0)
   batch_size, epochs = config.train.batch_size, config.train.num_epochs
   step, record = 0, {}
-  with open(workdir / "metrics.jsonl", "a") as log:
+  loader = pipeline.Loader(train_cases, batch_size=batch_size, seed=config.seed, augment=None, workers=0)
+  with loader, open(workdir / "metrics.jsonl", "a") as log:
     for epoch in range(epochs):
       start = time.perf_counter()
       weights = losses.loss_weights(epoch, num_epochs=epochs, num_scales=num_scales)
-      order = np.random.default_rng((config.seed, epoch)).permutation(len(train_cases))
       epoch_loss = []
-      for i in range(0, len(order) - batch_size + 1, batch_size):
-        batch = collate([train_cases[j] for j in order[i:i + batch_size]])
+      for batch in loader.epoch(epoch):
         noise_key = jax.random.fold_in(jax.random.fold_in(root, 1), step) if config.train.noise else None
         state, metrics = step_fn(state, batch, noise_key, weights=weights)
         epoch_loss.append(float(metrics["loss"]))
