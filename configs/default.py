@@ -14,10 +14,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # one root seed: parameters, noise injection and data order all derive from it
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = "synthetic"  # "synthetic": blob images made in memory (see locnet_jax/synthetic.py)
+  # "synthetic": blob images made in memory (locnet_jax/synthetic.py); "manifest": the data set at
+  # data.manifest (DATA_FORMAT.md); "afids": the AFIDs benchmark in data.afids_dir, built there if absent
+  data.source = "synthetic"
+  data.manifest = ""  # path of a dataset.json (or its folder), for source "manifest"
+  data.afids_dir = "data/afids"  # for source "afids"
+  data.afids_landmarks = "AC,PC,GENU,SPLE,RLVAC,LLVAC"  # AFIDs used when the set is built here
+  data.cache_dir = ""  # pyramid cache; "" = <data set folder>/.locnet_cache
+  data.intensity = "mr"  # "mr" (percentile scaling), "ct" (Hounsfield window) or "none"
+  data.ct_window_hu = (-1000.0, 1000.0)
   data.spacings_mm = (4.0, 2.0, 1.0, 0.5)  # pyramid levels, coarse to fine, isotropic mm (paper)
   data.finest_size = 448  # finest grid size in voxels (448 x 0.5 mm = 224 mm field of view, paper)
-  data.num_landmarks = 2  # K (paper: left and right carotid bifurcations)
+  data.num_landmarks = 2  # K for synthetic data (a data set's manifest names its own landmarks)
   data.num_train = 16  # synthetic cases for training
   data.num_val = 4  # synthetic cases for validation
 
@@ -45,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.learning_rate = 5e-4  # Adam (paper: 5e-4)
   train.batch_size = 1  # volumes per step (paper: 1)
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
+  train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
+  train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50)

@@ -2,12 +2,14 @@
 
 Library code below this module takes explicit arguments; this is where the config is unpacked.
 Metrics go to ``<workdir>/metrics.jsonl`` (one JSON object per epoch) and the config to
-``<workdir>/config.json``. Checkpointing and the real-data pipeline come with the training and data
-issues; until then the data source is the in-memory synthetic set (`locnet_jax.synthetic`).
+``<workdir>/config.json``. Data: the in-memory synthetic set, a DATA_FORMAT.md data set (preprocessed
+once into the pyramid cache, augmented by background workers), or the AFIDs benchmark (built on first
+use). Checkpoints and resuming come with the training issue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,10 +19,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from locnet_jax import losses, pipeline, synthetic, training
+from locnet_jax import augment as augment_lib
+from locnet_jax import io, losses, pipeline, synthetic, training
+from locnet_jax.datasets import afids
 from locnet_jax.models import MultiScaleLocNet
 
 MODEL_KINDS = ("multiscale",)
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run (the CLI prints it on one line)."""
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
@@ -30,18 +38,58 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
     return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
                             unet=model_config.unet.to_dict(), com_kind=model_config.com_kind,
                             noise_mm=model_config.noise_mm, stop_gradient=model_config.stop_gradient)
-  raise ValueError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
+  raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
 
 
-def load_cases(data_config: ml_collections.ConfigDict, *, seed: int
-               ) -> tuple[list[pipeline.Example], list[pipeline.Example]]:
-  """(train cases, validation cases) for the config's data source."""
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What training reads: training sources (Examples or cached cases), validation Examples, names."""
+
+  train: list
+  val: list[pipeline.Example]
+  names: tuple[str, ...]
+  from_files: bool
+
+
+def preprocess_settings(data_config: ml_collections.ConfigDict) -> pipeline.PreprocessSettings:
+  return pipeline.PreprocessSettings(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
+                                     intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
+
+
+def _manifest_path(data_config, *, seed: int, log=print) -> Path:
+  if data_config.source == "manifest":
+    if not data_config.manifest:
+      raise ConfigError("data.source='manifest' needs --config.data.manifest=PATH")
+    return Path(data_config.manifest)
+  folder = Path(data_config.afids_dir)
+  if not (folder / "dataset.json").is_file():
+    log(f"building the AFIDs benchmark in {folder} (once)")
+    afids.build(folder, seed=seed, landmarks=tuple(n.strip() for n in data_config.afids_landmarks.split(",")),
+                log=lambda *_: None)
+  return folder / "dataset.json"
+
+
+def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Data:
+  """The config's data: synthetic cases in memory, or a data set preprocessed once into the cache."""
   if data_config.source == "synthetic":
     kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
                   num_landmarks=data_config.num_landmarks)
-    return (synthetic.make_cases(seed, data_config.num_train, **kwargs),
-            synthetic.make_cases(seed + 1_000_003, data_config.num_val, **kwargs))
-  raise ValueError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic',)")
+    names = tuple(f"L{k}" for k in range(data_config.num_landmarks))
+    return Data(synthetic.make_cases(seed, data_config.num_train, **kwargs),
+                synthetic.make_cases(seed + 1_000_003, data_config.num_val, **kwargs), names, False)
+  if data_config.source not in ("manifest", "afids"):
+    raise ConfigError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic', 'manifest', 'afids')")
+  manifest = io.load_manifest(_manifest_path(data_config, seed=seed, log=log))
+  settings = preprocess_settings(data_config)
+  cache = Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"
+  train = []
+  for case in manifest.split("train"):
+    pipeline.load_example(case, manifest.landmarks, settings, cache)  # validates, fills the cache once
+    train.append(pipeline.CachedCase(case, manifest.landmarks, settings, cache))
+  val = [pipeline.load_example(case, manifest.landmarks, settings, cache) for case in manifest.split("val")]
+  log(f"data: {manifest.path} ({len(train)} train, {len(val)} val cases, {len(manifest.landmarks)} landmarks), "
+      f"cache {cache}")
+  return Data(train, val, manifest.landmarks, True)
 
 
 def _validate(state, cases, *, batch_size) -> np.ndarray:
@@ -61,17 +109,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  train_cases, val_cases = load_cases(config.data, seed=config.seed)
+  data = load_data(config.data, seed=config.seed)
   num_scales = len(config.data.spacings_mm)
-  model = create_model(config.model, num_landmarks=config.data.num_landmarks, num_scales=num_scales)
+  model = create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
   root = jax.random.key(config.seed)
-  example = pipeline.collate(train_cases[:1])
+  example = pipeline.collate(data.val[:1])
   state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
                                       affines=example["affines"], learning_rate=config.train.learning_rate)
   step_fn = jax.jit(training.train_step, donate_argnums=0)
   batch_size, epochs = config.train.batch_size, config.train.num_epochs
   step, record = 0, {}
-  loader = pipeline.Loader(train_cases, batch_size=batch_size, seed=config.seed, augment=None, workers=0)
+  augment = augment_lib.AugmentSettings() if (config.train.augment and data.from_files) else None
+  loader = pipeline.Loader(data.train, batch_size=batch_size, seed=config.seed, augment=augment,
+                           workers=config.train.loader_workers if data.from_files else 0)
   with loader, open(workdir / "metrics.jsonl", "a") as log:
     for epoch in range(epochs):
       start = time.perf_counter()
@@ -82,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         state, metrics = step_fn(state, batch, noise_key, weights=weights)
         epoch_loss.append(float(metrics["loss"]))
         step += 1
-      val_error = _validate(state, val_cases, batch_size=batch_size)
+      val_error = _validate(state, data.val, batch_size=batch_size)
       record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_loss)),
                 "loss_weights": np.asarray(weights).round(4).tolist(),
                 "val_error_mm": [round(float(e), 3) for e in val_error], "epoch_s": round(time.perf_counter() - start, 2)}

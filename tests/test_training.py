@@ -93,3 +93,53 @@ def test_configs_build_their_models():
   assert tuple(paper.data.spacings_mm) == (4.0, 2.0, 1.0, 0.5) and paper.data.finest_size == 448
   assert paper.model.patch_size == 56 and paper.train.learning_rate == 5e-4 and paper.train.num_epochs == 500
   assert paper.model.noise_mm == 5.0 and paper.train.batch_size == 1
+
+
+def _tiny_dataset(root: Path, count=4) -> Path:
+  """A real data set on disk: blob images (NIfTI, 2 mm, LPS-stored) with CSV/Slicer landmarks."""
+  from locnet_jax import geometry, io
+  rng = np.random.default_rng(0)
+  affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+  affine[:3, 3] = [31.0, 31.0, -31.0]
+  grid_mm = geometry.vox_to_mm(np.stack(np.meshgrid(*[np.arange(32)] * 3, indexing="ij"), -1).astype(float), affine)
+  cases = []
+  for i in range(count):
+    points = rng.uniform(-12, 12, (2, 3))
+    image = sum((k + 1) * np.exp(-np.sum((grid_mm - p) ** 2, -1) / 50) for k, p in enumerate(points))
+    image = image + 0.05 * rng.standard_normal(image.shape)
+    io.save_volume(root / f"c{i}.nii.gz", image.astype(np.float32), affine)
+    io.write_mrk_json(root / f"c{i}.mrk.json", ["A", "B"], points, coordinate_system="LPS")
+    cases.append({"id": f"c{i}", "image": f"c{i}.nii.gz", "landmarks": f"c{i}.mrk.json",
+                  "split": "val" if i == count - 1 else "train"})
+  (root / "dataset.json").write_text(json.dumps({"name": "tiny", "landmarks": ["A", "B"], "cases": cases}))
+  return root / "dataset.json"
+
+
+def _tiny_file_config(manifest, cache):
+  config = multiscale.get_config("demo")
+  config.data.source, config.data.manifest, config.data.cache_dir = "manifest", str(manifest), str(cache)
+  config.data.spacings_mm, config.data.finest_size = (8.0, 4.0), 16
+  config.model.patch_size, config.model.unet.depth, config.model.unet.base_channels = 8, 1, 2
+  config.train.num_epochs, config.train.loader_workers = 2, 1
+  return config
+
+
+def test_training_on_a_data_set_fills_the_cache_once(tmp_path, monkeypatch):
+  manifest = _tiny_dataset(tmp_path / "data")
+  config = _tiny_file_config(manifest, tmp_path / "cache")
+  record = train_lib.train_and_evaluate(config, tmp_path / "run1")
+  assert record["epoch"] == 1 and record["step"] == 6 and len(record["val_error_mm"]) == 2
+  cached = sorted((tmp_path / "cache").glob("*.npz"))
+  assert len(cached) == 4  # 3 train + 1 val
+  monkeypatch.setattr(pipeline, "compute_pyramid", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+  again = train_lib.train_and_evaluate(config, tmp_path / "run2")
+  assert sorted((tmp_path / "cache").glob("*.npz")) == cached
+  assert again["train_loss"] == record["train_loss"]  # same data, same augmentation, same steps
+
+
+def test_train_py_reports_bad_data_in_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo", f"--workdir={tmp_path}",
+                           "--config.data.source=manifest", f"--config.data.manifest={tmp_path / 'none.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "none.json: no such file" in result.stderr
