@@ -225,39 +225,28 @@ def _bad_volume(tmp_path, kind):
   return path
 
 
+BAD_LANDMARK_FILES = {  # kind: (file name, content)
+    "duplicate_label": ("a.csv", "label,x,y,z\nAC,1,2,3\nAC,4,5,6\n"),
+    "malformed_json": ("a.mrk.json", '{"markups": [{"controlPoints": ['),
+    "not_markups": ("a.mrk.json", '{"points": []}'),
+    "malformed_csv": ("a.csv", "label,x,y,z\nAC,1,two,3\n"),
+    "csv_header": ("a.csv", "name,a,b,c\nAC,1,2,3\n"),
+    "unknown_frame_json": ("a.mrk.json", json.dumps({"markups": [{"coordinateSystem": "IJK", "controlPoints": [
+        {"label": "AC", "position": [1, 2, 3]}]}]})),
+    "unknown_frame_fcsv": ("a.fcsv", "# CoordinateSystem = 7\nn1,1,2,3,0,0,0,1,1,1,0,AC,,\n"),
+    "bad_position": ("a.mrk.json", json.dumps({"markups": [{"controlPoints": [{"label": "AC", "position": [1, 2]}]}]})),
+    "unknown_type": ("a.txt", "AC 1 2 3"),
+}
+
+
 def _bad_landmarks(tmp_path, kind):
   if kind == "unknown_label":
     io.write_landmarks_csv(tmp_path / "a.csv", ["AC", "XYZ"], np.ones((2, 3)))
     return tmp_path / "a.csv"
-  if kind == "duplicate_label":
-    (tmp_path / "a.csv").write_text("label,x,y,z\nAC,1,2,3\nAC,4,5,6\n")
-    return tmp_path / "a.csv"
-  if kind == "malformed_json":
-    (tmp_path / "a.mrk.json").write_text('{"markups": [{"controlPoints": [')
-    return tmp_path / "a.mrk.json"
-  if kind == "not_markups":
-    (tmp_path / "a.mrk.json").write_text('{"points": []}')
-    return tmp_path / "a.mrk.json"
-  if kind == "malformed_csv":
-    (tmp_path / "a.csv").write_text("label,x,y,z\nAC,1,two,3\n")
-    return tmp_path / "a.csv"
-  if kind == "csv_header":
-    (tmp_path / "a.csv").write_text("name,a,b,c\nAC,1,2,3\n")
-    return tmp_path / "a.csv"
-  if kind == "unknown_frame_json":
-    (tmp_path / "a.mrk.json").write_text(json.dumps({"markups": [{"coordinateSystem": "IJK", "controlPoints": [
-        {"label": "AC", "position": [1, 2, 3]}]}]}))
-    return tmp_path / "a.mrk.json"
-  if kind == "unknown_frame_fcsv":
-    (tmp_path / "a.fcsv").write_text("# CoordinateSystem = 7\nn1,1,2,3,0,0,0,1,1,1,0,AC,,\n")
-    return tmp_path / "a.fcsv"
-  if kind == "bad_position":
-    (tmp_path / "a.mrk.json").write_text(json.dumps({"markups": [{"controlPoints": [
-        {"label": "AC", "position": [1, 2]}]}]}))
-    return tmp_path / "a.mrk.json"
-  if kind == "unknown_type":
-    (tmp_path / "a.txt").write_text("AC 1 2 3")
-    return tmp_path / "a.txt"
+  if kind in BAD_LANDMARK_FILES:
+    name, content = BAD_LANDMARK_FILES[kind]
+    (tmp_path / name).write_text(content)
+    return tmp_path / name
   return tmp_path / "missing.fcsv"
 
 
