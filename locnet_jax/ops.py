@@ -116,7 +116,11 @@ def crop_patch(volume: jax.Array, center_vox: jax.Array, *, shape, step=1.0) -> 
   step_shape = step.shape if isinstance(step, jax.Array) else np.shape(step)
   if step_shape not in ((), (3,)):
     raise ValueError(f"step must be a scalar or have shape (3,), got shape {step_shape}")
-  if not isinstance(step, jax.core.Tracer) and not np.all(np.asarray(step) > 0):
+  try:  # a concrete step is checked; a traced one (e.g. under jit) cannot be
+    concrete_step = np.asarray(step, dtype=np.float64)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    concrete_step = None
+  if concrete_step is not None and not np.all(concrete_step > 0):
     raise ValueError(f"step must be positive, got {step!r}")
   coords = patch_grid_vox(center_vox, shape=shape, step=step).astype(volume.dtype)
   return map_coordinates(volume, list(coords), order=1, mode="nearest")
