@@ -7,7 +7,9 @@ the loss-weight schedule and +-5 mm noise injection.
 `demo` keeps the method and shrinks the sizes: 3 scales at 8, 4, 2 mm over a 256 mm field of view,
 32^3 patches, 8 base channels, 10 epochs on synthetic data; 7 minutes on 2 CPU cores, finest-scale
 validation error 5.1 mm (measured, see README). `afids_demo` is the same model on the AFIDs benchmark
-(6 landmarks: AC, PC, GENU, SPLE, RLVAC, LLVAC; the set is built in data/afids6 on first use):
+(6 landmarks: AC, PC, GENU, SPLE, RLVAC, LLVAC; the set is built in data/afids6 on first use); measured
+on 2 CPU cores: 10 epochs in about 40 min, finest-scale validation error 0.87 mm (constant baseline
+21.8 mm; warped copies of one template, so not a claim about real scans):
 
     python train.py --config=configs/multiscale.py:afids_demo --workdir=workdirs/afids_demo
 """
