@@ -90,12 +90,14 @@ def load_pyramid(image: Path, settings: PreprocessSettings, cache_dir: Path | No
 
 
 def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettings,
-                 cache_dir: Path | None) -> Example:
-  """A manifest case as an Example; its landmarks must lie inside its image."""
+                 cache_dir: Path | None, *, check: bool = True) -> Example:
+  """A manifest case as an Example; with `check`, its landmarks must lie inside its image (this reads
+  the image once more, so the loader's workers skip it for cases checked when the data were loaded)."""
   target = np.full((len(names), 3), np.nan)
   if case.landmarks is not None:
     target = io.load_landmarks(case.landmarks, names)
-    io.check_landmarks_in_image(target, names, io.load_volume(case.image), case.landmarks)
+    if check:
+      io.check_landmarks_in_image(target, names, io.load_volume(case.image), case.landmarks)
   return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
 
 
@@ -109,7 +111,7 @@ class CachedCase:
   cache_dir: Path
 
   def __call__(self) -> Example:
-    return load_example(self.case, self.names, self.settings, self.cache_dir)
+    return load_example(self.case, self.names, self.settings, self.cache_dir, check=False)
 
 
 @dataclasses.dataclass(frozen=True)
