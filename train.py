@@ -1,34 +1,41 @@
-"""Trains a Loc-Net model.
+"""Trains a Loc-Net model (or a Table-1 baseline); rerunning the same command resumes it.
 
     python train.py --config=configs/multiscale.py:demo --workdir=workdirs/demo
     python train.py --config=configs/multiscale.py --config.train.num_epochs=3
 
 Flags: --config (a config file, optionally `:variant`), --workdir, and any --config.<field>=<value>
-override (unknown fields are rejected).
+override (unknown fields are rejected). Exit status: 0 trained (or already trained), 2 bad data or
+config, 3 the loss became non-finite (the latest checkpoint is the last good state).
 """
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from locnet_jax import io, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "Training configuration.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "Where metrics and config are written.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
+                               "Run folder: config, metrics, TensorBoard events, checkpoints.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
-    final = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (io.DataError, train_lib.ConfigError) as e:  # bad input or settings: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"done: final validation error per scale {final['val_error_mm']} mm; metrics in "
-        f"{_WORKDIR.value}/metrics.jsonl")
+  except train_lib.TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  print(f"done: best checkpoint {summary['best_checkpoint']} (epoch {summary['best_epoch'] + 1}), validation "
+        f"error {summary['best_val_error_mm']:.2f} mm (finest scale); metrics in {_WORKDIR.value}/metrics.jsonl, "
+        f"TensorBoard: tensorboard --logdir {_WORKDIR.value}/tensorboard")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   # "synthetic": blob images made in memory (locnet_jax/synthetic.py); "manifest": the data set at
   # data.manifest (DATA_FORMAT.md); "afids": the AFIDs benchmark in data.afids_dir, built there if absent
-  data.source = "synthetic"
+  data.source = "afids"
   data.manifest = ""  # path of a dataset.json (or its folder), for source "manifest"
-  data.afids_dir = "data/afids"  # for source "afids"
+  data.afids_dir = "data/afids"  # for source "afids" (the default: no data set named -> AFIDs)
   data.afids_landmarks = "AC,PC,GENU,SPLE,RLVAC,LLVAC"  # AFIDs used when the set is built here
   data.cache_dir = ""  # pyramid cache; "" = <data set folder>/.locnet_cache
   data.intensity = "mr"  # "mr" (percentile scaling), "ct" (Hounsfield window) or "none"
@@ -30,11 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_val = 4  # synthetic cases for validation
 
   config.model = model = ml_collections.ConfigDict()
-  model.kind = "multiscale"  # "multiscale" (the paper's model; num_scales = len(data.spacings_mm))
+  # "multiscale": the paper's model (num_scales = len(data.spacings_mm)); "single_scale": one Loc-Net on
+  # the whole volume (data.spacings_mm has one entry); "heatmap": the heatmap-regression U-Net baseline
+  model.kind = "multiscale"
   model.patch_size = 56  # patch edge in voxels for every scale after the first (paper: 56)
   model.com_kind = "relu"  # centre-of-mass weights: "relu" (paper) or "softmax"
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
+  model.extra_levels = 1  # "single_scale": U-Net levels added to unet.depth (paper, footnote 2)
+  model.heatmap_sigma_mm = 6.0  # "heatmap": std of the Gaussian target blobs (paper: 6 mm)
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)
   unet.base_channels = 16  # channels at full resolution
@@ -52,9 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)
   train.learning_rate = 5e-4  # Adam (paper: 5e-4)
   train.batch_size = 1  # volumes per step (paper: 1)
+  # "paper": all scales together, weights scheduled per epoch (losses.loss_weights); "multistep": one
+  # scale at a time, coarse first, equal shares of the epochs, the others frozen (Table 1 baseline)
+  train.schedule = "paper"
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
   train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
+  # batch_size is global: split over the local devices that divide it (data parallel, parameters
+  # replicated); True: jax.distributed.initialize() first, for several hosts (cluster from the environment)
+  train.distributed = False
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50)

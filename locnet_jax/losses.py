@@ -103,3 +103,19 @@ def loss_weights(epoch, *, num_epochs: int, num_scales: int) -> jax.Array:
   schedules = loss_weight_schedules(num_epochs=num_epochs, num_scales=num_scales)
   half_epochs = 2 * jnp.floor(jnp.asarray(epoch, jnp.float32)).astype(jnp.int32)
   return jnp.stack([jnp.asarray(f(half_epochs), jnp.float32) for f in schedules])
+
+
+def multistep_phase(epoch: int, *, num_epochs: int, num_scales: int) -> int:
+  """The scale the multi-step baseline trains during `epoch`: equal consecutive shares, coarse first."""
+  if not isinstance(num_epochs, int) or num_epochs < num_scales:
+    raise ValueError(f"multi-step training needs num_epochs >= num_scales = {num_scales}, got {num_epochs!r}")
+  return min(int(epoch) * num_scales // num_epochs, num_scales - 1)
+
+
+def multistep_weights(epoch: int, *, num_epochs: int, num_scales: int) -> jax.Array:
+  """One-hot (num_scales,) float32: only the scale being trained (`multistep_phase`) has loss weight 1.
+
+  Used as the loss weights and as the trainable mask, so coarser, already trained scales stay frozen.
+  """
+  phase = multistep_phase(epoch, num_epochs=num_epochs, num_scales=num_scales)
+  return jnp.zeros((num_scales,), jnp.float32).at[phase].set(1.0)

@@ -180,7 +180,8 @@ class HeatmapUNet(nn.Module):
   Trained with `losses.heatmap_l2_loss` against `losses.heatmap_targets` (paper: std 6 mm); predicts
   each landmark at its heatmap's largest voxel.
 
-  `__call__(volume (B, X, Y, Z), affine)` returns {"pred_mm": (B, 1, K, 3) RAS mm,
+  `__call__(volumes, affines)` takes a one-level pyramid like `MultiScaleLocNet(num_scales=1)`: volumes
+  ``[(B, X, Y, Z)]`` and affines ``[(B, 4, 4) or (4, 4)]``; it returns {"pred_mm": (B, 1, K, 3) RAS mm,
   "heatmap": (B, X, Y, Z, K)}.
   """
 
@@ -188,10 +189,11 @@ class HeatmapUNet(nn.Module):
   unet: Mapping[str, Any] = None
 
   @nn.compact
-  def __call__(self, volume: jax.Array, affine: jax.Array) -> dict[str, jax.Array]:
-    if volume.ndim != 4:
-      raise ValueError(f"HeatmapUNet input must be (B, X, Y, Z), got shape {volume.shape}")
-    affine = _batched_affine(affine, volume.shape[0], "affine")
+  def __call__(self, volumes: Sequence[jax.Array], affines: Sequence[jax.Array]) -> dict[str, jax.Array]:
+    _check_volumes(volumes, 1)
+    if len(affines) != 1:
+      raise ValueError(f"expected 1 affine, got {len(affines)}")
+    volume, affine = volumes[0], _batched_affine(affines[0], volumes[0].shape[0], "affine")
     heatmap = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}))(
         volume[..., None].astype(jnp.float32))
     argmax_vox = jax.vmap(jax.vmap(ops.heatmap_argmax, in_axes=-1))(heatmap)  # (B, K, 3)

@@ -1,15 +1,22 @@
-"""The training loop behind `train.py`: config -> model, data, schedule, epochs, metrics.
+"""The training loop behind `train.py`: config -> model, data, schedule, epochs, checkpoints, metrics.
 
 Library code below this module takes explicit arguments; this is where the config is unpacked.
-Metrics go to ``<workdir>/metrics.jsonl`` (one JSON object per epoch) and the config to
-``<workdir>/config.json``. Data: the in-memory synthetic set, a DATA_FORMAT.md data set (preprocessed
-once into the pyramid cache, augmented by background workers), or the AFIDs benchmark (built on first
-use). Checkpoints and resuming come with the training issue.
+
+A run's folder (``--workdir``) holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
+``tensorboard/`` event files and ``checkpoints/{latest,best}`` (locnet_jax/checkpoints.py). Running the
+same command again resumes from the latest checkpoint and continues exactly as if never stopped: the
+data order and augmentation derive from (seed, epoch, case), the noise key from (seed, step), and the
+state (parameters, Adam moments, step) is restored bit for bit. A workdir refuses a config that differs
+from the one it was started with (except `RESUME_FREE` fields, which do not change the results).
+
+Data: synthetic cases in memory, a DATA_FORMAT.md data set (preprocessed once into the pyramid cache,
+augmented by background workers), or the AFIDs benchmark (built on first use).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -20,25 +27,65 @@ import ml_collections
 import numpy as np
 
 from locnet_jax import augment as augment_lib
-from locnet_jax import io, losses, pipeline, synthetic, training
+from locnet_jax import checkpoints as checkpoints_lib
+from locnet_jax import io, losses, parallel, pipeline, reporting, synthetic, training
 from locnet_jax.datasets import afids
-from locnet_jax.models import MultiScaleLocNet
+from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
-MODEL_KINDS = ("multiscale",)
+MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
+SCHEDULES = ("paper", "multistep")
+RESUME_FREE = ("train.loader_workers", "data.cache_dir")  # may change between a run and its resumption
 
 
 class ConfigError(ValueError):
   """A configuration that cannot run (the CLI prints it on one line)."""
 
 
-def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
-                 num_scales: int) -> MultiScaleLocNet:
-  """The model a config's `model` section describes."""
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int, num_scales: int):
+  """The model a config's `model` section describes (`num_scales` = pyramid levels in `data.spacings_mm`)."""
+  unet = model_config.unet.to_dict()
   if model_config.kind == "multiscale":
     return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
-                            unet=model_config.unet.to_dict(), com_kind=model_config.com_kind,
-                            noise_mm=model_config.noise_mm, stop_gradient=model_config.stop_gradient)
-  raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
+                            unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
+                            stop_gradient=model_config.stop_gradient)
+  if model_config.kind not in MODEL_KINDS:
+    raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
+  if num_scales != 1:
+    raise ConfigError(f"model.kind={model_config.kind!r} reads one volume: data.spacings_mm must have one "
+                      f"entry, got {num_scales}")
+  if model_config.kind == "single_scale":
+    return single_scale_locnet(num_landmarks, unet=unet, extra_levels=model_config.extra_levels,
+                               com_kind=model_config.com_kind)
+  return HeatmapUNet(num_landmarks, unet=unet)
+
+
+def schedule(train_config: ml_collections.ConfigDict, epoch: int, *, num_scales: int):
+  """(loss weights (S,), trainable mask (S,) or None) for `epoch`: the paper's schedule or multi-step."""
+  if train_config.schedule == "paper":
+    return losses.loss_weights(epoch, num_epochs=train_config.num_epochs, num_scales=num_scales), None
+  if train_config.schedule == "multistep":
+    try:
+      onehot = losses.multistep_weights(epoch, num_epochs=train_config.num_epochs, num_scales=num_scales)
+    except ValueError as e:
+      raise ConfigError(f"train.schedule='multistep': {e}") from None
+    return onehot, onehot
+  raise ConfigError(f"unsupported train.schedule {train_config.schedule!r}; supported: {SCHEDULES}")
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+  """The jitted step ``(state, batch, key, weights, trainable) -> (state, metrics)`` for the model kind."""
+  if config.model.kind == "heatmap":
+    def step(state, batch, key, weights, trainable):
+      del weights, trainable  # one output, no schedule
+      return training.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm)
+  else:
+    def step(state, batch, key, weights, trainable):
+      return training.train_step(state, batch, key, weights=weights, trainable=trainable)
+  return jax.jit(step, donate_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,55 +139,155 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
   return Data(train, val, manifest.landmarks, True)
 
 
-def _validate(state, cases, *, batch_size) -> np.ndarray:
-  """Mean radial error (mm) per scale over the validation cases, no noise."""
-  predict = jax.jit(lambda p, b: state.apply_fn({"params": p}, b["volumes"], b["affines"])["pred_mm"])
+def validation_errors(apply_fn, params, cases: list[pipeline.Example], *, batch_size: int) -> np.ndarray:
+  """Mean radial error (mm) per scale (S,) over the annotated landmarks of `cases`, no noise."""
+  predict = jax.jit(lambda p, b: apply_fn({"params": p}, b["volumes"], b["affines"])["pred_mm"])
   errors = []
   for i in range(0, len(cases), batch_size):
     batch = pipeline.collate(cases[i:i + batch_size])
-    pred = np.asarray(predict(state.params, batch))
+    pred = np.asarray(predict(params, batch))
     errors.append(np.linalg.norm(pred - np.asarray(batch["target_mm"])[:, None], axis=-1))  # (B, S, K)
-  errors = np.concatenate(errors)
-  return np.nanmean(errors, axis=(0, 2))
+  return np.nanmean(np.concatenate(errors), axis=(0, 2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Trains for `config.train.num_epochs`; returns the last epoch's metrics."""
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_differences(saved: dict, config: dict) -> list[str]:
+  """'field: saved -> now' for every field that differs (JSON-normalised), except `RESUME_FREE` ones."""
+  old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+          if k not in RESUME_FREE and old.get(k) != new.get(k)]
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None:
+  if config.train.noise and not (config.model.kind == "multiscale" and num_scales >= 2):
+    raise ConfigError("train.noise=True needs model.kind='multiscale' with >= 2 scales (noise shifts the "
+                      "finest crop); set --config.train.noise=False")
+  if config.train.batch_size < 1 or config.train.num_epochs < 1:
+    raise ConfigError("train.batch_size and train.num_epochs must be >= 1")
+
+
+def _summary(meta: dict, checkpoints: checkpoints_lib.Checkpoints) -> dict[str, Any]:
+  return {**meta["record"], "best_checkpoint": str(checkpoints.best_path()),
+          "best_epoch": meta["best_epoch"], "best_val_error_mm": meta["best_val_error_mm"]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=print) -> dict[str, Any]:
+  """Trains (or resumes) for `config.train.num_epochs` epochs in `workdir`.
+
+  Returns the last epoch's record with ``best_checkpoint`` (path), ``best_epoch`` and
+  ``best_val_error_mm`` (validation error of the finest scale, which picks the best checkpoint).
+  Raises `ConfigError`, `io.DataError` or `TrainingDiverged` (after which the latest checkpoint is the
+  last good state).
+  """
+  if config.train.distributed:
+    jax.distributed.initialize()  # cluster found from the environment (SLURM, Open MPI, TPU, or JAX_* vars)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  data = load_data(config.data, seed=config.seed)
   num_scales = len(config.data.spacings_mm)
-  model = create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
-  root = jax.random.key(config.seed)
-  example = pipeline.collate(data.val[:1])
-  state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
-                                      affines=example["affines"], learning_rate=config.train.learning_rate)
-  step_fn = jax.jit(training.train_step, donate_argnums=0)
-  batch_size, epochs = config.train.batch_size, config.train.num_epochs
-  step, record = 0, {}
+  _check_config(config, num_scales=num_scales)
+  config_dict = _config_dict(config)
+  with checkpoints_lib.Checkpoints(workdir / "checkpoints") as checkpoints:
+    saved = checkpoints.read_meta()
+    if saved is not None:
+      differences = config_differences(saved["config"], config_dict)
+      if differences:
+        raise ConfigError(f"{workdir} holds a run started with another config ({'; '.join(differences)}); "
+                          "rerun with the same config to resume, or use a new --workdir")
+      if saved["record"]["epoch"] + 1 >= config.train.num_epochs:
+        log(f"{workdir}: already trained for {config.train.num_epochs} epochs")
+        return _summary(saved, checkpoints)
+    data = load_data(config.data, seed=config.seed, log=log)
+    model = create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
+    mesh = parallel.data_mesh(batch_size=config.train.batch_size)
+    root = jax.random.key(config.seed)
+    example = pipeline.collate(data.val[:1])
+    state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
+                                        affines=example["affines"], learning_rate=config.train.learning_rate)
+    state = parallel.replicate(state, mesh)
+    first_epoch, step, meta = 0, 0, None
+    if saved is not None:
+      restored = checkpoints.restore_latest(state)
+      state, first_epoch, meta = restored.state, restored.epochs_done, restored.meta
+      step = meta["step"]
+      log(f"resuming from {checkpoints.latest_path()} (epoch {first_epoch}, step {step})")
+    reporting.rewind_metrics(workdir / "metrics.jsonl", epochs_done=first_epoch,
+                             last_record=meta["record"] if meta else None)
+    io.atomic_write(workdir / "config.json", json.dumps(config_dict, indent=2) + "\n")
+    meta = _train_epochs(config, workdir, checkpoints, data=data, state=state, mesh=mesh, root=root,
+                         first_epoch=first_epoch, step=step, meta=meta, log=log)
+    return _summary(meta, checkpoints)
+
+
+def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, state, mesh, root, first_epoch: int,
+                  step: int, meta: dict | None, log) -> dict:
+  """The epoch loop from `first_epoch`; returns the last checkpoint's metadata."""
+  num_scales, epochs = len(config.data.spacings_mm), config.train.num_epochs
+  step_fn = make_train_step(config)
+  noise_root = jax.random.fold_in(root, 1)
+  best_error = meta["best_val_error_mm"] if meta else float("inf")
+  best_epoch = meta["best_epoch"] if meta else None
   augment = augment_lib.AugmentSettings() if (config.train.augment and data.from_files) else None
-  loader = pipeline.Loader(data.train, batch_size=batch_size, seed=config.seed, augment=augment,
+  loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=augment,
                            workers=config.train.loader_workers if data.from_files else 0)
-  with loader, open(workdir / "metrics.jsonl", "a") as log:
-    for epoch in range(epochs):
+  progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=loader.steps_per_epoch(),
+                                first_epoch=first_epoch)
+  with loader, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
+    for epoch in range(first_epoch, epochs):
       start = time.perf_counter()
-      weights = losses.loss_weights(epoch, num_epochs=epochs, num_scales=num_scales)
+      weights, trainable = schedule(config.train, epoch, num_scales=num_scales)
       epoch_loss = []
-      for batch in loader.epoch(epoch):
-        noise_key = jax.random.fold_in(jax.random.fold_in(root, 1), step) if config.train.noise else None
-        state, metrics = step_fn(state, batch, noise_key, weights=weights)
-        epoch_loss.append(float(metrics["loss"]))
+
+      def consume(metrics, index, at_step):  # reads a step's metrics one step late: the device stays busy
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          last = checkpoints.latest_path()
+          raise TrainingDiverged(
+              f"non-finite training loss ({loss}) at epoch {epoch + 1}, step {at_step}; stopped. "
+              + (f"The last good checkpoint is {last}; " if last else "No checkpoint was saved yet; ")
+              + "lower train.learning_rate or check the data, and use a new --workdir")
+        epoch_loss.append(loss)
+        metrics_log.scalars(at_step, {"train/step_loss": loss})
+        progress.step(epoch=epoch, step_in_epoch=index + 1, loss=loss)
+
+      pending = None
+      for index, batch in enumerate(loader.epoch(epoch)):
+        key = jax.random.fold_in(noise_root, step) if config.train.noise else None
+        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), key, weights, trainable)
         step += 1
-      val_error = _validate(state, data.val, batch_size=batch_size)
+        if pending is not None:
+          consume(*pending)
+        pending = (metrics, index, step)
+      consume(*pending)
+      val_error = validation_errors(state.apply_fn, state.params, data.val, batch_size=config.train.batch_size)
+      finest = float(val_error[-1])
+      is_best = finest < best_error
+      if is_best:
+        best_error, best_epoch = finest, epoch
       record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_loss)),
-                "loss_weights": np.asarray(weights).round(4).tolist(),
-                "val_error_mm": [round(float(e), 3) for e in val_error], "epoch_s": round(time.perf_counter() - start, 2)}
-      if not np.isfinite(record["train_loss"]):
-        raise FloatingPointError(f"non-finite training loss at epoch {epoch}; see {workdir / 'metrics.jsonl'}")
-      log.write(json.dumps(record) + "\n")
-      log.flush()
-      errors = " ".join(f"{e:.1f}" for e in record["val_error_mm"])
-      print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.1f} mm^2  val error per scale (coarse to "
-            f"fine) {errors} mm  ({record['epoch_s']:.0f} s)", flush=True)
-  return record
+                "loss_weights": [round(float(w), 4) for w in np.asarray(weights)],
+                "val_error_mm": [round(float(e), 4) for e in val_error], "best": is_best,
+                "epoch_s": round(time.perf_counter() - start, 2)}
+      if trainable is not None:
+        record["trainable"] = np.asarray(trainable).astype(int).tolist()
+      meta = {"record": record, "step": step, "best_val_error_mm": best_error, "best_epoch": best_epoch,
+              "config": _config_dict(config)}
+      checkpoints.save(epoch + 1, state, meta, is_best=is_best)
+      metrics_log.epoch(record)
+      errors = " / ".join(f"{e:.2f}" for e in record["val_error_mm"])
+      progress.epoch_line(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.2f}  val error (coarse to "
+                          f"fine) {errors} mm{'  *best' if is_best else ''}  {record['epoch_s']:.0f} s",
+                          val_error_mm=finest)
+  return meta

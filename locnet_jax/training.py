@@ -40,16 +40,60 @@ def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Ar
   return loss, {"loss": loss, "per_scale_mse_mm2": per_scale, "per_scale_error_mm": mean_error_mm}
 
 
-def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *,
-               weights: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step; `key` drives noise injection before the finest crop (None: no noise).
+def freeze_scales(tree: dict, trainable: jax.Array) -> dict:
+  """Multiplies the subtree of every Loc-Net ``scale{s}`` by ``trainable[s]`` (0: frozen); others unchanged."""
+  return {name: (jax.tree.map(lambda x, s=int(name[5:]): x * trainable[s].astype(x.dtype), sub)
+                 if name.startswith("scale") else sub) for name, sub in tree.items()}
 
-  Returns the new state and metrics: loss, per-scale MSE and mean error (mm), gradient and parameter
-  global norms (health checks).
+
+def _apply(state: TrainState, grads, trainable: jax.Array | None) -> TrainState:
+  if trainable is None:
+    return state.apply_gradients(grads=grads)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates = freeze_scales(updates, trainable)  # frozen scales keep their parameters exactly
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state)
+
+
+def _health(metrics: dict, grads, params) -> dict:
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["param_norm"] = optax.tree.norm(params)
+  return metrics
+
+
+def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *,
+               weights: jax.Array, trainable: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step of a Loc-Net model; `key` drives noise injection before the finest crop (None: no noise).
+
+  `weights` (S,) are the per-scale loss weights; `trainable` (S,) 0/1, when given, freezes the scales
+  marked 0 (the multi-step baseline trains one scale at a time). Returns the new state and metrics: loss,
+  per-scale MSE and mean error (mm), gradient and parameter global norms (health checks).
   """
   grad_fn = jax.grad(functools.partial(loss_and_metrics, apply_fn=state.apply_fn, weights=weights,
                                        noise_key=key), has_aux=True)
   grads, metrics = grad_fn(state.params, batch)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["param_norm"] = optax.tree.norm(state.params)
-  return state.apply_gradients(grads=grads), metrics
+  return _apply(state, grads, trainable), _health(metrics, grads, state.params)
+
+
+def heatmap_loss_and_metrics(params, batch: dict[str, Any], *, apply_fn,
+                             sigma_mm: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The heatmap U-Net's loss: mean squared error against Gaussian blobs of std `sigma_mm` (paper: 6)."""
+  out = apply_fn({"params": params}, batch["volumes"], batch["affines"])
+  heatmap, target_mm = out["heatmap"], batch["target_mm"]
+  affine = jnp.broadcast_to(jnp.asarray(batch["affines"][0], jnp.float32), (heatmap.shape[0], 4, 4))
+  targets = jax.vmap(lambda t, a: losses.heatmap_targets(t, a, shape=heatmap.shape[1:4], sigma_mm=sigma_mm))(
+      target_mm, affine)
+  loss = losses.heatmap_l2_loss(heatmap, targets, losses.landmark_mask(target_mm))
+  error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], target_mm[:, None]))  # (B, 1, K)
+  count = jnp.maximum(jnp.sum(losses.landmark_mask(target_mm)), 1)
+  return loss, {"loss": loss, "per_scale_error_mm": jnp.sum(error_mm, axis=(0, 2)) / count}
+
+
+def heatmap_train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None = None, *,
+                       sigma_mm: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step of the heatmap U-Net baseline (`key` unused: no noise injection)."""
+  del key
+  grad_fn = jax.grad(functools.partial(heatmap_loss_and_metrics, apply_fn=state.apply_fn, sigma_mm=sigma_mm),
+                     has_aux=True)
+  grads, metrics = grad_fn(state.params, batch)
+  return state.apply_gradients(grads=grads), _health(metrics, grads, state.params)

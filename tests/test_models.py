@@ -220,8 +220,8 @@ def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
   model = HeatmapUNet(2, unet=dict(depth=1, base_channels=4))
   volume = jax.random.normal(jax.random.key(0), (1, 8, 10, 12))
   affine = jnp.asarray(_affine([1.5, 1.0, 2.0], [0.0, 3.0, -2.0], flip=(1, -1, 1)), jnp.float32)
-  params = model.init(jax.random.key(0), volume, affine)
-  out = model.apply(params, volume, affine)
+  params = model.init(jax.random.key(0), [volume], [affine])
+  out = model.apply(params, [volume], [affine])
   heatmap = np.asarray(out["heatmap"])
   assert heatmap.shape == (1, 8, 10, 12, 2) and out["pred_mm"].shape == (1, 1, 2, 3)
   for k in range(2):

@@ -1,0 +1,17 @@
+"""Table 1 row: the multi-scale Loc-Net trained end to end with the paper's schedule, without noise injection.
+
+    python train.py --config=configs/no_noise.py --workdir=workdirs/no_noise        # paper size
+    python train.py --config=configs/no_noise.py:demo --workdir=workdirs/no_noise_demo
+
+Everything as configs/multiscale.py except `train.noise=False`. Measured: see the README's results.
+"""
+
+import ml_collections
+
+from configs import multiscale
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  config = multiscale.get_config(variant)
+  config.train.noise = False
+  return config

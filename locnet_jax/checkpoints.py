@@ -1,0 +1,101 @@
+"""A training run's checkpoints on disk (Orbax): the latest ones to resume from, and the best one.
+
+Layout under a run's folder ``<workdir>/checkpoints``::
+
+    latest/<epochs done>/{state, meta}   the last two, rotated; resuming reads the newest
+    best/<epochs done>/{state, meta}     the one with the lowest validation error so far
+
+``state`` is the whole train state (parameters, optimiser state, step); ``meta`` is JSON: the epoch
+record (losses, validation errors), the global step, the best validation error so far and the config the
+run was started with. Saves are synchronous and atomic (Orbax writes to a temporary folder and renames
+it when complete): a process killed mid-save leaves the previous checkpoint intact, and the unfinished
+temporary folder is ignored and cleaned up on the next start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_ITEMS = ("state", "meta")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What a checkpoint holds: the train state, the epochs done and the JSON metadata."""
+
+  state: Any
+  epochs_done: int
+  meta: dict
+
+
+def _manager(directory: Path, *, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options, item_names=_ITEMS)
+
+
+class Checkpoints:
+  """The latest (resume) and best (lowest validation error) checkpoints of one run in `directory`."""
+
+  def __init__(self, directory: str | Path):
+    self.directory = Path(directory)
+    self._latest = _manager(self.directory / "latest", max_to_keep=2)
+    self._best = _manager(self.directory / "best", max_to_keep=1)
+
+  def save(self, epochs_done: int, state, meta: dict, *, is_best: bool) -> None:
+    """Saves `state` and `meta` after `epochs_done` epochs; also as the best one when `is_best`."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self._latest.save(epochs_done, args=args, force=True)
+    if is_best:
+      self._best.save(epochs_done, args=args, force=True)
+
+  def latest_epochs_done(self) -> int | None:
+    return self._latest.latest_step()
+
+  def best_path(self) -> Path | None:
+    step = self._best.latest_step()
+    return None if step is None else self.directory / "best" / str(step)
+
+  def latest_path(self) -> Path | None:
+    step = self._latest.latest_step()
+    return None if step is None else self.directory / "latest" / str(step)
+
+  def restore_latest(self, target_state) -> Restored | None:
+    """The newest complete checkpoint, restored into `target_state`'s structure and shardings."""
+    return self._restore(self._latest, target_state)
+
+  def restore_best(self, target_state) -> Restored | None:
+    return self._restore(self._best, target_state)
+
+  def read_meta(self, *, best: bool = False) -> dict | None:
+    manager = self._best if best else self._latest
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  @staticmethod
+  def _restore(manager: ocp.CheckpointManager, target_state) -> Restored | None:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+    return Restored(restored["state"], step, restored["meta"])
+

@@ -1,0 +1,56 @@
+"""Data parallelism: the batch split over a 1-D ``data`` mesh axis, parameters replicated (jax.sharding).
+
+Every process (host) iterates the same global batches; each puts its own slice on its local devices
+(`jax.make_array_from_process_local_data`), so one process or many run the same computation. The jitted
+step needs no change: XLA inserts the gradient all-reduce from the shardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+
+
+def data_mesh(*, batch_size: int, devices=None) -> Mesh:
+  """A ``data`` mesh over the most devices that split `batch_size` evenly (all of them when it divides).
+
+  With several processes every device must take part, so `batch_size` must be a multiple of
+  `jax.device_count()`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if jax.process_count() > 1 and batch_size % len(devices):
+    raise ValueError(f"train.batch_size={batch_size} must be a multiple of the {len(devices)} devices of "
+                     f"the {jax.process_count()} processes")
+  count = max(n for n in range(1, len(devices) + 1) if batch_size % n == 0)
+  return Mesh(np.asarray(devices[:count]), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Puts every leaf of `tree` (parameters, optimiser state) on every device of `mesh`."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Splits every leaf's leading (batch) axis over the mesh; each process passes the same global batch."""
+  sharding = batch_sharded(mesh)
+  count, index = jax.process_count(), jax.process_index()
+
+  def put(x):
+    x = np.asarray(x)
+    local = x.reshape(count, -1, *x.shape[1:])[index] if count > 1 else x
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+  return jax.tree.map(put, batch)
