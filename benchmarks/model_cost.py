@@ -2,10 +2,16 @@
 
     python benchmarks/model_cost.py --size paper   # 4 scales 4/2/1/0.5 mm, 56^3 patches, 448^3 input
     python benchmarks/model_cost.py --size demo    # the CPU demo size
+    python benchmarks/model_cost.py --size paper --workloads forward,train,uncertainty,uncertainty_loop
+
+Workloads: forward (one noisy pass), train (one Adam step), uncertainty (50 noise samples in one jitted
+call: the coarse scales once, the finest scale on 50 x K patches), uncertainty_loop (50 single passes,
+each a jitted call, as a Python loop would run them).
 
 Each workload runs in its own process, so its peak resident memory (ru_maxrss) is its own. Times are the
 median (and min-max) of --repeats runs after --warmup runs, each ended with block_until_ready. FLOPs and
-XLA temp memory come from the compiled executable's cost and memory analyses. Prints a Markdown table.
+XLA temp memory come from the compiled executable's cost and memory analyses; on a GPU, peak device memory
+from the device's memory statistics. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ SIZES = {
     # name: (num_landmarks, spacings coarse->fine mm, finest grid size, patch, unet)
     "paper": dict(num_landmarks=2, spacings=(4.0, 2.0, 1.0, 0.5), finest=448, patch=56,
                   unet=dict(depth=2, base_channels=16)),
-    "demo": dict(num_landmarks=6, spacings=(8.0, 4.0, 2.0), finest=128, patch=32,
+    "paper6": dict(num_landmarks=6, spacings=(4.0, 2.0, 1.0, 0.5), finest=448, patch=56,
+                   unet=dict(depth=2, base_channels=16)),  # the paper's sizes with our 6 AFIDs
+    "demo": dict(num_landmarks=6, spacings=(8.0, 4.0, 2.0), finest=128, patch=24,
                  unet=dict(depth=2, base_channels=8)),
 }
+NUM_SAMPLES = 50  # test-time noise passes (paper: 50)
 
 
 def _inputs(size):
@@ -60,8 +69,14 @@ def _measure(workload: str, size: str, warmup: int, repeats: int) -> dict:
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1)
-  if workload == "forward":
+  calls = 1
+  if workload in ("forward", "uncertainty_loop"):
     fn = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
+    args = (state.params, volumes, affines, key)
+    calls = NUM_SAMPLES if workload == "uncertainty_loop" else 1  # the loop: one jitted pass per sample
+  elif workload == "uncertainty":  # coarse scales once, the finest for all samples: one call
+    fn = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k,
+                                                num_samples=NUM_SAMPLES)["samples_mm"])
     args = (state.params, volumes, affines, key)
   else:
     weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
@@ -74,17 +89,23 @@ def _measure(workload: str, size: str, warmup: int, repeats: int) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
   times = []
+  keys = jax.random.split(key, calls)
   for i in range(warmup + repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    if calls == 1:
+      jax.block_until_ready(compiled(*args))
+    else:
+      jax.block_until_ready([compiled(*args[:-1], keys[c]) for c in range(calls)])
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-  flops = float(cost.get("flops", float("nan")))
+  flops = float(cost.get("flops", float("nan"))) * calls
+  stats = jax.devices()[0].memory_stats() or {}
   median = statistics.median(times)
   return dict(workload=workload, size=size, compile_s=compile_s, median_s=median, min_s=min(times),
               max_s=max(times), gflop=flops / 1e9, gflops_per_s=flops / 1e9 / median,
               temp_gb=getattr(memory, "temp_size_in_bytes", float("nan")) / 1e9,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              peak_device_gb=stats.get("peak_bytes_in_use", float("nan")) / 1e9,
               params=sum(x.size for x in jax.tree.leaves(state.params)),
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats)
 
@@ -109,11 +130,17 @@ def main() -> None:
   r0 = rows[0]
   print(f"size={args.size} {SIZES[args.size]}  params={r0['params']:,}  device={r0['device']}  "
         f"jax={r0['jax']}  median of {r0['repeats']} after {args.warmup} warm-up runs")
-  print("| workload | compile s | median s (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB |")
-  print("|---|---|---|---|---|---|---|")
+  print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | peak device GB |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['workload']} | {r['compile_s']:.1f} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "
-          f"| {r['gflop']:.1f} | {r['gflops_per_s']:.1f} | {r['temp_gb']:.2f} | {r['peak_rss_gb']:.2f} |")
+    ms = lambda x: f"{1e3 * x:.1f}" if x < 1 else f"{1e3 * x:.0f}"  # noqa: E731
+    print(f"| {r['workload']} | {r['compile_s']:.1f} | {ms(r['median_s'])} ({ms(r['min_s'])}-{ms(r['max_s'])}) "
+          f"| {r['gflop']:.1f} | {r['gflops_per_s']:.1f} | {r['temp_gb']:.2f} | {r['peak_rss_gb']:.2f} "
+          f"| {r['peak_device_gb']:.2f} |")
+  by_name = {r["workload"]: r for r in rows}
+  if "uncertainty" in by_name and "uncertainty_loop" in by_name:
+    print(f"batched {NUM_SAMPLES}-pass uncertainty is {by_name['uncertainty_loop']['median_s'] / by_name['uncertainty']['median_s']:.1f}x "
+          "faster than the loop of single passes")
 
 
 if __name__ == "__main__":

@@ -114,23 +114,29 @@ class MultiScaleLocNet(nn.Module):
 
   @nn.compact
   def __call__(self, volumes: Sequence[jax.Array], affines: Sequence[jax.Array], *,
-               noise_key: jax.Array | None = None) -> dict[str, jax.Array]:
+               noise_key: jax.Array | None = None, num_samples: int | None = None) -> dict[str, jax.Array]:
     """Predicts every scale's landmark positions.
 
     Args:
       volumes: S arrays (B, X_s, Y_s, Z_s), coarse to fine.
       affines: S voxel->RAS affines, each (B, 4, 4) or (4, 4).
       noise_key: PRNG key; when given, the finest crop is centred at a randomly shifted point.
+      num_samples: with `noise_key`, test-time uncertainty: the coarser scales run once and the finest
+        scale runs for N = num_samples shifts at once (one batch of N*B*K patches); sample n uses the key
+        ``jax.random.split(noise_key, N)[n]``, so it equals a single pass with that key.
 
     Returns:
       {"pred_mm": (B, S, K, 3) RAS mm, "center_mm": (B, S, K, 3) the centre each scale's input was cut
-      at (scale 0: the coarsest volume's centre)}.
+      at (scale 0: the coarsest volume's centre)}. With `num_samples`, the finest entries of both are
+      the means over the samples, and "samples_mm" (B, N, K, 3) holds every sample's finest prediction.
     """
     _check_volumes(volumes, self.num_scales)
     if len(affines) != self.num_scales:
       raise ValueError(f"expected {self.num_scales} affines, got {len(affines)}")
     if noise_key is not None and self.num_scales == 1:
       raise ValueError("noise injection needs at least 2 scales (it shifts the finest crop's centre)")
+    if num_samples is not None and (noise_key is None or not isinstance(num_samples, int) or num_samples < 1):
+      raise ValueError(f"num_samples needs a noise_key and must be an int >= 1, got {num_samples!r}")
     batch, k_count = volumes[0].shape[0], self.num_landmarks
     affines = [_batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     nets = [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
@@ -142,24 +148,39 @@ class MultiScaleLocNet(nn.Module):
     grid_center_vox = (jnp.asarray(volumes[0].shape[1:4], jnp.float32) - 1) / 2
     center_mm = [jnp.broadcast_to(geometry.vox_to_mm(grid_center_vox, affines[0])[:, None],
                                   (batch, k_count, 3))]
-    landmark = jnp.tile(jnp.arange(k_count), batch)  # (B*K,) the channel each patch is read from
+    samples = 1
     for s in range(1, self.num_scales):
       center = pred_mm[-1]
       if self.stop_gradient:
         center = jax.lax.stop_gradient(center)
       if s == self.num_scales - 1 and noise_key is not None:
-        center = center + jax.random.uniform(noise_key, center.shape, minval=-self.noise_mm,
-                                             maxval=self.noise_mm)
+        center = self._shifted(center, noise_key, num_samples)  # (B, N*K, 3) with N samples, else (B, K, 3)
+        samples = num_samples or 1
       center_vox = geometry.mm_to_vox(center, affines[s][:, None])
       crop = lambda v, c: ops.crop_patch(v, c, shape=self.patch_shape)  # noqa: E731
-      patches = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(volumes[s], center_vox)
-      patch_vox, heatmap = nets[s](patches.reshape(batch * k_count, *patches.shape[2:]), landmark)
+      patches = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(volumes[s], center_vox)  # (B, N*K, *patch)
+      landmark = jnp.tile(jnp.arange(k_count), batch * samples)  # the channel each patch is read from
+      patch_vox, heatmap = nets[s](patches.reshape(-1, *patches.shape[2:]), landmark)
       self.sow("intermediates", f"heatmap{s}", heatmap.reshape(patches.shape))
-      vox = ops.patch_to_volume_vox(patch_vox.reshape(batch, k_count, 3), center_vox,
-                                    shape=self.patch_shape)
+      vox = ops.patch_to_volume_vox(patch_vox.reshape(center_vox.shape), center_vox, shape=self.patch_shape)
       pred_mm.append(geometry.vox_to_mm(vox, affines[s][:, None]))
       center_mm.append(center)
-    return {"pred_mm": jnp.stack(pred_mm, axis=1), "center_mm": jnp.stack(center_mm, axis=1)}
+    out = {}
+    if num_samples is not None:
+      sampled = pred_mm[-1].reshape(batch, num_samples, k_count, 3)
+      out["samples_mm"] = sampled
+      pred_mm[-1] = jnp.mean(sampled, axis=1)
+      center_mm[-1] = jnp.mean(center_mm[-1].reshape(batch, num_samples, k_count, 3), axis=1)
+    return {**out, "pred_mm": jnp.stack(pred_mm, axis=1), "center_mm": jnp.stack(center_mm, axis=1)}
+
+  def _shifted(self, center_mm: jax.Array, key: jax.Array, num_samples: int | None) -> jax.Array:
+    """Centres (B, K, 3) + U(-r, r) mm per axis; with N samples (B, N*K, 3), sample n drawn with split key n."""
+    draw = lambda k: jax.random.uniform(k, center_mm.shape, minval=-self.noise_mm, maxval=self.noise_mm)  # noqa: E731
+    if num_samples is None:
+      return center_mm + draw(key)
+    noise = jax.vmap(draw)(jax.random.split(key, num_samples))  # (N, B, K, 3)
+    shifted = center_mm[None] + noise
+    return jnp.moveaxis(shifted, 0, 1).reshape(center_mm.shape[0], -1, 3)
 
 
 def single_scale_locnet(num_landmarks: int, *, unet: Mapping[str, Any], extra_levels: int = 1,

@@ -16,7 +16,6 @@ augmented by background workers), or the AFIDs benchmark (built on first use).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path

@@ -279,3 +279,25 @@ def test_noise_needs_two_scales():
   params = model.init(jax.random.key(0), volumes, affines)
   with pytest.raises(ValueError, match="at least 2 scales"):
     model.apply(params, volumes, affines, noise_key=jax.random.key(0))
+
+
+def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
+  volumes, affines = _pyramid(batch=2, sizes=(8, 16, 32), seed=3)
+  model = MultiScaleLocNet(3, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
+                           com_kind="softmax", noise_mm=4.0)
+  params = model.init(jax.random.key(0), volumes, affines)
+  key = jax.random.key(7)
+  batched = jax.jit(lambda p: model.apply(p, volumes, affines, noise_key=key, num_samples=5))(params)
+  single = jax.jit(lambda p, k: model.apply(p, volumes, affines, noise_key=k))
+  loop = [single(params, k) for k in jax.random.split(key, 5)]
+  assert batched["samples_mm"].shape == (2, 5, 3, 3)
+  for n, out in enumerate(loop):
+    np.testing.assert_allclose(batched["samples_mm"][:, n], out["pred_mm"][:, -1], atol=1e-4)
+  np.testing.assert_allclose(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0),
+                             atol=1e-4)
+  clean = model.apply(params, volumes, affines)  # the coarser scales ran once, without noise
+  np.testing.assert_allclose(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], atol=1e-5)
+  spread = np.asarray(batched["samples_mm"]).std(axis=1)
+  assert np.all(spread > 0)  # the samples differ: each had its own shift
+  with pytest.raises(ValueError, match="num_samples needs a noise_key"):
+    model.apply(params, volumes, affines, num_samples=5)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import heatmap_unet, multiscale, multistep, no_noise, single_scale
-from locnet_jax import checkpoints, pipeline, reporting, synthetic, train_lib, training
+from locnet_jax import checkpoints, pipeline, reporting, train_lib, training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.spacings_mm": (8.0, 4.0), "data.finest_size": 16, "data.num_train": 2, "data.num_val": 1,

@@ -61,7 +61,7 @@ def test_train_py_runs_a_tiny_config_and_logs_the_schedule(tmp_path):
                "--config.data.num_train=2", "--config.data.num_val=1", "--config.model.patch_size=8",
                "--config.model.unet.depth=1", "--config.model.unet.base_channels=2",
                "--config.train.num_epochs=3"]
-  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo",
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:synthetic_demo",
                            f"--workdir={tmp_path}", *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -73,18 +73,21 @@ def test_train_py_runs_a_tiny_config_and_logs_the_schedule(tmp_path):
     assert len(r["val_error_mm"]) == 2 and all(np.isfinite(r["val_error_mm"]))
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["patch_size"] == 8 and saved["data"]["num_landmarks"] == 2
-  assert "done: final validation error" in result.stdout
+  finest = [r["val_error_mm"][-1] for r in records]
+  best = int(np.argmin(finest))
+  assert (f"done: best checkpoint {tmp_path}/checkpoints/best/{best + 1} (epoch {best + 1}), validation error "
+          f"{finest[best]:.2f} mm") in result.stdout
 
 
 def test_train_py_rejects_unknown_override(tmp_path):
-  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo",
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:synthetic_demo",
                            f"--workdir={tmp_path}", "--config.train.num_epoch=3"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0 and "num_epoch" in result.stderr
 
 
 def test_configs_build_their_models():
-  for variant in ("", "demo"):
+  for variant in multiscale.VARIANTS:
     config = multiscale.get_config(variant)
     model = train_lib.create_model(config.model, num_landmarks=config.data.num_landmarks,
                                    num_scales=len(config.data.spacings_mm))
@@ -116,7 +119,7 @@ def _tiny_dataset(root: Path, count=4) -> Path:
 
 
 def _tiny_file_config(manifest, cache):
-  config = multiscale.get_config("demo")
+  config = multiscale.get_config("synthetic_demo")
   config.data.source, config.data.manifest, config.data.cache_dir = "manifest", str(manifest), str(cache)
   config.data.spacings_mm, config.data.finest_size = (8.0, 4.0), 16
   config.model.patch_size, config.model.unet.depth, config.model.unet.base_channels = 8, 1, 2
@@ -138,7 +141,7 @@ def test_training_on_a_data_set_fills_the_cache_once(tmp_path, monkeypatch):
 
 
 def test_train_py_reports_bad_data_in_one_line(tmp_path):
-  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:demo", f"--workdir={tmp_path}",
+  result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:synthetic_demo", f"--workdir={tmp_path}",
                            "--config.data.source=manifest", f"--config.data.manifest={tmp_path / 'none.json'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
