@@ -40,6 +40,9 @@ class DataError(ValueError):
     self.path, self.problem = str(path), problem
     super().__init__(f"{path}: {problem}")
 
+  def __reduce__(self):  # crosses process boundaries (data preparation workers) intact
+    return DataError, (self.path, self.problem)
+
 
 # ---------------------------------------------------------------- volumes
 

@@ -101,6 +101,27 @@ def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettin
   return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
 
 
+def _prepare(case: io.Case, names: Sequence[str], settings: PreprocessSettings, cache_dir: Path) -> None:
+  load_example(case, names, settings, cache_dir)
+
+
+def prepare_cases(cases: Sequence[io.Case], names: Sequence[str], settings: PreprocessSettings, cache_dir: Path,
+                  *, workers: int) -> None:
+  """Checks every case (images, landmarks inside them) and fills the pyramid cache, in `workers` processes.
+
+  Raises the first case's `io.DataError`, in manifest order, whatever the worker count (0: in this process).
+  """
+  if workers <= 0 or len(cases) < 2:
+    for case in cases:
+      _prepare(case, names, settings, cache_dir)
+    return
+  context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX's threads
+  with concurrent.futures.ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
+    futures = [pool.submit(_prepare, case, tuple(names), settings, cache_dir) for case in cases]
+    for future in futures:
+      future.result()
+
+
 @dataclasses.dataclass(frozen=True)
 class CachedCase:
   """A case the loader's workers read themselves (from the pyramid cache), so no pyramid is ever pickled."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,12 @@ def _manifest_path(data_config, *, seed: int, log=print) -> Path:
   if not (folder / "dataset.json").is_file():
     log(f"building the AFIDs benchmark in {folder} (once)")
     afids.build(folder, seed=seed, landmarks=tuple(n.strip() for n in data_config.afids_landmarks.split(",")),
-                log=lambda *_: None)
+                workers=_cpu_workers(), log=lambda *_: None)
   return folder / "dataset.json"
+
+
+def _cpu_workers() -> int:
+  return min(os.cpu_count() or 1, 8)
 
 
 def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Data:
@@ -128,11 +133,11 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
   manifest = io.load_manifest(_manifest_path(data_config, seed=seed, log=log))
   settings = preprocess_settings(data_config)
   cache = Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"
-  train = []
-  for case in manifest.split("train"):
-    pipeline.load_example(case, manifest.landmarks, settings, cache)  # validates, fills the cache once
-    train.append(pipeline.CachedCase(case, manifest.landmarks, settings, cache))
-  val = [pipeline.load_example(case, manifest.landmarks, settings, cache) for case in manifest.split("val")]
+  cases = manifest.split("train") + manifest.split("val")
+  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=_cpu_workers())  # once: cached
+  train = [pipeline.CachedCase(case, manifest.landmarks, settings, cache) for case in manifest.split("train")]
+  val = [pipeline.load_example(case, manifest.landmarks, settings, cache, check=False)
+         for case in manifest.split("val")]
   log(f"data: {manifest.path} ({len(train)} train, {len(val)} val cases, {len(manifest.landmarks)} landmarks), "
       f"cache {cache}")
   return Data(train, val, manifest.landmarks, True)

@@ -29,8 +29,19 @@ def built(tmp_path_factory):
     pytest.skip("../shared/data/afids is not beside this checkout")
   out = tmp_path_factory.mktemp("afids")
   manifest = afids.build(out, num_train=2, num_val=0, num_test=1, seed=3, landmarks=LANDMARKS, elastic=False,
-                         log=lambda *_: None)
+                         workers=2, log=lambda *_: None)
   return out, manifest
+
+
+def test_the_data_set_is_the_same_for_any_worker_count(built, tmp_path):
+  out, manifest_path = built  # written by 2 worker processes
+  serial = afids.build(tmp_path, num_train=2, num_val=0, num_test=1, seed=3, landmarks=LANDMARKS, elastic=False,
+                       workers=0, log=lambda *_: None)
+  assert serial.read_text() == manifest_path.read_text()
+  assert (tmp_path / "build_info.json").read_text() == (out / "build_info.json").read_text()
+  for a, b in zip(io.load_manifest(manifest_path).cases, io.load_manifest(serial).cases):
+    np.testing.assert_array_equal(io.load_volume(a.image).data, io.load_volume(b.image).data)
+    np.testing.assert_array_equal(io.load_landmarks(a.landmarks, LANDMARKS), io.load_landmarks(b.landmarks, LANDMARKS))
 
 
 def test_image_and_landmarks_are_moved_by_the_same_transform(built):

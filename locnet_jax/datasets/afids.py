@@ -21,7 +21,9 @@ read as a zip. Every file is checked by md5. Nothing else is fetched.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
+import multiprocessing
 import json
 import os
 import subprocess
@@ -196,10 +198,40 @@ def _save_int16(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(template_bytes: bytes, afids_bytes: bytes, index: tuple[int, ...]) -> None:
+  _WORKER["template"] = load_template(template_bytes)
+  _WORKER["points"] = parse_afids(afids_bytes)[list(index)]
+
+
+def _write_case(job) -> tuple[dict, dict]:
+  """Writes case i of the data set: (its manifest entry, its build_info entry)."""
+  out_dir, i, split, seed, elastic, landmarks = job
+  case = make_case(_WORKER["template"], _WORKER["points"], np.random.default_rng((seed, i)), elastic=elastic)
+  case_id = f"case{i:03d}"
+  image = f"images/{case_id}.nii.gz"
+  _save_int16(out_dir / image, case["data"], case["affine"])
+  if i % 2 == 0:
+    marks = f"landmarks/{case_id}.mrk.json"
+    io.write_mrk_json(out_dir / marks, list(landmarks), case["points_mm"], coordinate_system="LPS")
+  else:
+    marks = f"landmarks/{case_id}.fcsv"
+    io.write_fcsv(out_dir / marks, list(landmarks), case["points_mm"], coordinate_system="RAS")
+  return ({"id": case_id, "image": image, "landmarks": marks, "split": split},
+          {"id": case_id, "split": split, "orientation": case["orientation"],
+           "transform_world": np.round(case["transform"], 8).tolist(), "points_mm": case["points_mm"].tolist()})
+
+
 def build(out_dir, *, num_train: int = 48, num_val: int = 8, num_test: int = 16, seed: int = 0,
           landmarks=AFID_NAMES, modality: str = "T1w", elastic: bool = False, source: Path | str | None = None,
-          cache_dir: Path | None = None, log=print) -> Path:
-  """Writes the data set and returns the path of its `dataset.json`."""
+          cache_dir: Path | None = None, workers: int | None = None, log=print) -> Path:
+  """Writes the data set and returns the path of its `dataset.json`.
+
+  Cases are written by `workers` processes (None: one per CPU core, up to 8); case i always comes from
+  the random stream (seed, i), so the data set is the same for any worker count.
+  """
   unknown = [n for n in landmarks if n not in AFID_NAMES]
   if unknown or not landmarks:
     raise ValueError(f"unknown AFIDs {unknown} (known: {', '.join(AFID_NAMES)})")
@@ -208,29 +240,30 @@ def build(out_dir, *, num_train: int = 48, num_val: int = 8, num_test: int = 16,
   if min(num_train, num_val, num_test) < 0 or num_train < 1 or num_test < 1:
     raise ValueError("need at least one training and one test case (and no negative counts)")
   files = read_source_files(source=source, cache_dir=cache_dir, roles=(modality, "afids"))
-  template = load_template(files[modality])
   index = [AFID_NAMES.index(n) for n in landmarks]
-  template_points = parse_afids(files["afids"])[index]
+  workers = min(os.cpu_count() or 1, 8) if workers is None else workers
   out_dir = Path(out_dir)
   (out_dir / "images").mkdir(parents=True, exist_ok=True)
   (out_dir / "landmarks").mkdir(parents=True, exist_ok=True)
   splits = ["train"] * num_train + ["val"] * num_val + ["test"] * num_test
+  jobs = [(out_dir, i, split, seed, elastic, tuple(landmarks)) for i, split in enumerate(splits)]
+  init = (files[modality], files["afids"], tuple(index))
+  if workers <= 1:
+    _init_worker(*init)
+    written = map(_write_case, jobs)
+  else:  # spawn: no fork of a process that may hold JAX's threads; results come back in case order
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init)
+    written = pool.map(_write_case, jobs)
   cases, info = [], []
-  for i, split in enumerate(splits):
-    case = make_case(template, template_points, np.random.default_rng((seed, i)), elastic=elastic)
-    case_id = f"case{i:03d}"
-    image = f"images/{case_id}.nii.gz"
-    _save_int16(out_dir / image, case["data"], case["affine"])
-    if i % 2 == 0:
-      marks = f"landmarks/{case_id}.mrk.json"
-      io.write_mrk_json(out_dir / marks, list(landmarks), case["points_mm"], coordinate_system="LPS")
-    else:
-      marks = f"landmarks/{case_id}.fcsv"
-      io.write_fcsv(out_dir / marks, list(landmarks), case["points_mm"], coordinate_system="RAS")
-    cases.append({"id": case_id, "image": image, "landmarks": marks, "split": split})
-    info.append({"id": case_id, "split": split, "orientation": case["orientation"],
-                 "transform_world": np.round(case["transform"], 8).tolist(), "points_mm": case["points_mm"].tolist()})
-    log(f"{case_id} ({split}, {case['orientation']}) written")
+  try:
+    for case, case_info in written:
+      cases.append(case)
+      info.append(case_info)
+      log(f"{case['id']} ({case['split']}, {case_info['orientation']}) written")
+  finally:
+    if workers > 1:
+      pool.shutdown()
   baseline = constant_baseline(info, landmarks)
   manifest = {"name": f"afids-mni-{modality.lower()}-seed{seed}", "landmarks": list(landmarks), "cases": cases}
   io.atomic_write(out_dir / "dataset.json", json.dumps(manifest, indent=2) + "\n")
@@ -258,6 +291,7 @@ def main(argv=None) -> int:
   parser.add_argument("--num-val", type=int, default=8)
   parser.add_argument("--num-test", type=int, default=16)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workers", type=int, default=None, help="processes writing cases (default: CPU cores)")
   parser.add_argument("--landmarks", default=",".join(AFID_NAMES), help="comma-separated AFID acronyms")
   parser.add_argument("--modality", choices=("T1w", "T2w"), default="T1w")
   parser.add_argument("--elastic", action="store_true", help="add a mild smooth elastic warp")
@@ -269,7 +303,7 @@ def main(argv=None) -> int:
     build(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test, seed=args.seed,
           landmarks=tuple(n.strip() for n in args.landmarks.split(",") if n.strip()), modality=args.modality,
           elastic=args.elastic, source=args.source if args.source in (None, "wheel") else Path(args.source),
-          cache_dir=args.cache_dir)
+          cache_dir=args.cache_dir, workers=args.workers)
   except (io.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
