@@ -1,23 +1,37 @@
-"""Evaluates a trained Loc-Net model (test-time uncertainty, metrics, Slicer files).
+"""Scores a trained run on a data set split: errors, uncertainty, predictions for 3D Slicer, figures.
 
-Not implemented yet: it arrives with the evaluation issue, after checkpoints (training issue). Until
-then this entry point only parses its flags and exits with status 2 and a one-line message.
+    python evaluate.py --config=configs/multiscale.py:demo --workdir=workdirs/demo
+    python evaluate.py --config=configs/multiscale.py:demo --workdir=workdirs/demo \\
+        --config.data.source=manifest --config.data.manifest=other/dataset.json --config.eval.split=val
+
+Pass the config (and overrides) the run was trained with; `data.*` and `eval.*` may differ (another data
+set, split, number of noise samples). Writes <workdir>/eval/<split>/ (or --config.eval.out_dir):
+results.json, results.md, predictions/ (.mrk.json + .csv per case, predictions.csv) and fig*.png.
+Exit status 2 on bad data or config.
 """
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "Configuration.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+from locnet_jax import evaluation, io, train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "The trained run's folder.")
 
 
 def main(argv):
-  del argv
-  print("evaluate.py: evaluation is not implemented yet (it needs the checkpoints of the training issue)",
-        file=sys.stderr)
-  sys.exit(2)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    out = evaluation.evaluate(_CONFIG.value, _WORKDIR.value)
+  except (io.DataError, train_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print((out / "results.md").read_text())
 
 
 if __name__ == "__main__":

@@ -67,5 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.distributed = False
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50)
+  ev.split = "test"  # the manifest split evaluate.py scores
+  ev.checkpoint = "best"  # "best" (lowest validation error) or "latest"
+  ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50); 0: one deterministic pass
+  ev.chunk_size = 10  # noise samples computed at once inside the one jitted call (bounds memory)
+  ev.out_dir = ""  # "" = <workdir>/eval/<split>; replaced as a whole when the new results are complete
+  ev.figures = True  # fig3_slices.png, fig4_errors.png, fig5_confidence.png
+  ev.compare_workdirs = ""  # comma-separated other workdirs (already evaluated) for the violin plot
   return config

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from locnet_jax import geometry, ops
 from locnet_jax.unet import UNet3D
 
-def _batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
+def batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
   affine = jnp.asarray(affine, jnp.float32)
   if affine.shape == (4, 4):
     affine = jnp.broadcast_to(affine, (batch, 4, 4))
@@ -34,6 +34,28 @@ def _check_volumes(volumes: Sequence[jax.Array], num: int) -> None:
   for s, v in enumerate(volumes):
     if v.ndim != 4 or v.shape[0] != batch:
       raise ValueError(f"volume {s} must be (B, X, Y, Z) with B={batch} like volume 0, got {v.shape}")
+
+
+def refine(net, volume: jax.Array, affine: jax.Array, center_mm: jax.Array, *, num_landmarks: int,
+           patch_shape) -> tuple[jax.Array, jax.Array]:
+  """One finer scale: a patch of `volume` around each centre, its landmark's heatmap channel, the CoM.
+
+  Args:
+    net: a `LocNet` (bound, or ``functools.partial(LocNet(...).apply, variables)``): (N, *patch), channel
+      (N,) -> (coords_vox (N, 3), heatmaps (N, *patch)).
+    volume: (B, X, Y, Z); affine: (B, 4, 4) voxel->RAS.
+    center_mm: (B, M*K, 3) RAS mm, M groups of the K landmarks in order (M noise samples, or 1).
+
+  Returns:
+    (pred_mm (B, M*K, 3) RAS mm, heatmaps (B, M*K, *patch)).
+  """
+  center_vox = geometry.mm_to_vox(center_mm, affine[:, None])
+  crop = lambda v, c: ops.crop_patch(v, c, shape=patch_shape)  # noqa: E731
+  patches = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(volume, center_vox)  # (B, M*K, *patch)
+  landmark = jnp.tile(jnp.arange(num_landmarks), center_mm.shape[0] * center_mm.shape[1] // num_landmarks)
+  patch_vox, heatmap = net(patches.reshape(-1, *patches.shape[2:]), landmark)
+  vox = ops.patch_to_volume_vox(patch_vox.reshape(center_vox.shape), center_vox, shape=patch_shape)
+  return geometry.vox_to_mm(vox, affine[:, None]), heatmap.reshape(patches.shape)
 
 
 class LocNet(nn.Module):
@@ -138,7 +160,7 @@ class MultiScaleLocNet(nn.Module):
     if num_samples is not None and (noise_key is None or not isinstance(num_samples, int) or num_samples < 1):
       raise ValueError(f"num_samples needs a noise_key and must be an int >= 1, got {num_samples!r}")
     batch, k_count = volumes[0].shape[0], self.num_landmarks
-    affines = [_batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
+    affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     nets = [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
             for s in range(self.num_scales)]
 
@@ -148,22 +170,16 @@ class MultiScaleLocNet(nn.Module):
     grid_center_vox = (jnp.asarray(volumes[0].shape[1:4], jnp.float32) - 1) / 2
     center_mm = [jnp.broadcast_to(geometry.vox_to_mm(grid_center_vox, affines[0])[:, None],
                                   (batch, k_count, 3))]
-    samples = 1
     for s in range(1, self.num_scales):
       center = pred_mm[-1]
       if self.stop_gradient:
         center = jax.lax.stop_gradient(center)
       if s == self.num_scales - 1 and noise_key is not None:
         center = self._shifted(center, noise_key, num_samples)  # (B, N*K, 3) with N samples, else (B, K, 3)
-        samples = num_samples or 1
-      center_vox = geometry.mm_to_vox(center, affines[s][:, None])
-      crop = lambda v, c: ops.crop_patch(v, c, shape=self.patch_shape)  # noqa: E731
-      patches = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(volumes[s], center_vox)  # (B, N*K, *patch)
-      landmark = jnp.tile(jnp.arange(k_count), batch * samples)  # the channel each patch is read from
-      patch_vox, heatmap = nets[s](patches.reshape(-1, *patches.shape[2:]), landmark)
-      self.sow("intermediates", f"heatmap{s}", heatmap.reshape(patches.shape))
-      vox = ops.patch_to_volume_vox(patch_vox.reshape(center_vox.shape), center_vox, shape=self.patch_shape)
-      pred_mm.append(geometry.vox_to_mm(vox, affines[s][:, None]))
+      pred, heatmap = refine(nets[s], volumes[s], affines[s], center, num_landmarks=k_count,
+                             patch_shape=self.patch_shape)
+      self.sow("intermediates", f"heatmap{s}", heatmap)
+      pred_mm.append(pred)
       center_mm.append(center)
     out = {}
     if num_samples is not None:
@@ -214,7 +230,7 @@ class HeatmapUNet(nn.Module):
     _check_volumes(volumes, 1)
     if len(affines) != 1:
       raise ValueError(f"expected 1 affine, got {len(affines)}")
-    volume, affine = volumes[0], _batched_affine(affines[0], volumes[0].shape[0], "affine")
+    volume, affine = volumes[0], batched_affine(affines[0], volumes[0].shape[0], "affine")
     heatmap = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}))(
         volume[..., None].astype(jnp.float32))
     argmax_vox = jax.vmap(jax.vmap(ops.heatmap_argmax, in_axes=-1))(heatmap)  # (B, K, 3)

@@ -103,7 +103,7 @@ def preprocess_settings(data_config: ml_collections.ConfigDict) -> pipeline.Prep
                                      intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
 
 
-def _manifest_path(data_config, *, seed: int, log=print) -> Path:
+def manifest_path(data_config, *, seed: int, log=print) -> Path:
   if data_config.source == "manifest":
     if not data_config.manifest:
       raise ConfigError("data.source='manifest' needs --config.data.manifest=PATH")
@@ -112,11 +112,11 @@ def _manifest_path(data_config, *, seed: int, log=print) -> Path:
   if not (folder / "dataset.json").is_file():
     log(f"building the AFIDs benchmark in {folder} (once)")
     afids.build(folder, seed=seed, landmarks=tuple(n.strip() for n in data_config.afids_landmarks.split(",")),
-                workers=_cpu_workers(), log=lambda *_: None)
+                workers=cpu_workers(), log=lambda *_: None)
   return folder / "dataset.json"
 
 
-def _cpu_workers() -> int:
+def cpu_workers() -> int:
   return min(os.cpu_count() or 1, 8)
 
 
@@ -130,11 +130,11 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
                 synthetic.make_cases(seed + 1_000_003, data_config.num_val, **kwargs), names, False)
   if data_config.source not in ("manifest", "afids"):
     raise ConfigError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic', 'manifest', 'afids')")
-  manifest = io.load_manifest(_manifest_path(data_config, seed=seed, log=log))
+  manifest = io.load_manifest(manifest_path(data_config, seed=seed, log=log))
   settings = preprocess_settings(data_config)
   cache = Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"
   cases = manifest.split("train") + manifest.split("val")
-  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=_cpu_workers())  # once: cached
+  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=cpu_workers())  # once: cached
   train = [pipeline.CachedCase(case, manifest.landmarks, settings, cache) for case in manifest.split("train")]
   val = [pipeline.load_example(case, manifest.landmarks, settings, cache, check=False)
          for case in manifest.split("val")]
@@ -287,7 +287,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, state, mesh
       if trainable is not None:
         record["trainable"] = np.asarray(trainable).astype(int).tolist()
       meta = {"record": record, "step": step, "best_val_error_mm": best_error, "best_epoch": best_epoch,
-              "config": _config_dict(config)}
+              "landmarks": list(data.names), "config": _config_dict(config)}
       checkpoints.save(epoch + 1, state, meta, is_best=is_best)
       metrics_log.epoch(record)
       errors = " / ".join(f"{e:.2f}" for e in record["val_error_mm"])

@@ -8,7 +8,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 # lowest first; a new module must be placed here before it can be imported by another
 LAYERS = ["geometry", "io", "preprocess", "augment", "pipeline", "synthetic", "datasets", "ops", "unet", "models",
-          "losses", "training", "parallel", "checkpoints", "reporting", "train_lib"]
+          "inference", "losses", "metrics", "training", "parallel", "checkpoints", "reporting", "train_lib",
+          "figures", "evaluation"]
 
 
 def _local_imports(path):

@@ -1,0 +1,66 @@
+"""Inference: the deterministic pass and test-time uncertainty (the paper's 50 noise passes), each one jitted call.
+
+Uncertainty (paper, Sec. 2.3): the coarser scales run once, without noise; the finest Loc-Net then runs
+for N shifts U(-r, r) mm per axis of its crop centre, `chunk_size` samples at a time inside one jitted
+call (`jax.lax.map`), so memory is bounded by a chunk whatever N is. Sample n uses the key
+``jax.random.split(key, N)[n]``: it equals `MultiScaleLocNet(...)(..., noise_key=that key)` exactly.
+The prediction is the mean of the samples; their per-axis standard deviation (RAS axes) is the
+uncertainty.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from locnet_jax import models
+
+
+def make_predict(model) -> Callable:
+  """Jitted ``(params, volumes, affines) -> pred_mm (B, S, K, 3)``: one deterministic pass of any model."""
+  return jax.jit(lambda params, volumes, affines: model.apply({"params": params}, volumes, affines)["pred_mm"])
+
+
+def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_size: int) -> Callable:
+  """Jitted ``(params, volumes, affines, key) -> dict`` of test-time uncertainty.
+
+  Returns {"pred_mm": (B, S, K, 3) with the finest scale the mean of the samples, "samples_mm": (B, N, K, 3)
+  the finest predictions of every sample, "std_mm": (B, K, 3) their per-axis standard deviation,
+  "deterministic_mm": (B, K, 3) the finest prediction without noise}.
+  """
+  if not isinstance(model, models.MultiScaleLocNet) or model.num_scales < 2:
+    raise ValueError("test-time uncertainty needs a multi-scale Loc-Net with >= 2 scales (noise shifts the "
+                     "finest crop)")
+  if num_samples < 1 or chunk_size < 1:
+    raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples}, {chunk_size}")
+  chunk = min(chunk_size, num_samples)
+  num_chunks = -(-num_samples // chunk)
+  finest = models.LocNet(model.num_landmarks, model.unet, model.com_kind)
+  radius, last = model.noise_mm, model.num_scales - 1
+
+  def run(params, volumes, affines, key):
+    out = model.apply({"params": params}, volumes, affines)["pred_mm"]  # (B, S, K, 3), no noise
+    center = out[:, last - 1]  # what the finest crop is centred on, before the shift
+    batch, k_count = center.shape[:2]
+    affine = models.batched_affine(affines[last], batch, "finest affine")
+    draw = lambda k: jax.random.uniform(k, center.shape, minval=-radius, maxval=radius)  # noqa: E731
+    noise = jax.vmap(draw)(jax.random.split(key, num_samples))  # (N, B, K, 3)
+    noise = jnp.pad(noise, [(0, num_chunks * chunk - num_samples)] + [(0, 0)] * 3)
+    net = functools.partial(finest.apply, {"params": params[f"scale{last}"]})
+
+    def one_chunk(shifts):  # (C, B, K, 3) -> (B, C, K, 3)
+      centers = jnp.moveaxis(center[None] + shifts, 0, 1).reshape(batch, -1, 3)
+      pred, _ = models.refine(net, volumes[last], affine, centers, num_landmarks=k_count,
+                              patch_shape=model.patch_shape)
+      return pred.reshape(batch, chunk, k_count, 3)
+
+    chunks = jax.lax.map(one_chunk, noise.reshape(num_chunks, chunk, *center.shape))  # (M, B, C, K, 3)
+    samples = jnp.moveaxis(chunks, 0, 1).reshape(batch, num_chunks * chunk, k_count, 3)[:, :num_samples]
+    mean = jnp.mean(samples, axis=1)
+    return {"pred_mm": out.at[:, last].set(mean), "samples_mm": samples, "std_mm": jnp.std(samples, axis=1),
+            "deterministic_mm": out[:, last]}
+
+  return jax.jit(run)

@@ -1,0 +1,63 @@
+"""Finds the landmarks in new scans (no ground truth): NIfTI in, 3D Slicer `.mrk.json` + CSV out, with uncertainty.
+
+    python predict.py --workdir=workdirs/demo --image=scan1.nii.gz,scan2.nii.gz --out=predictions/
+
+Uses the run's own config (`<workdir>/config.json`) and its best checkpoint. Per image, `<name>.mrk.json`
+(LPS, as 3D Slicer saves; open it over the image) and `<name>.csv` (RAS mm, with per-axis std and the 90 %
+confidence volume when the model has >= 2 scales), and all of them in `predictions.csv`. The output folder
+is replaced as a whole once every prediction is written. Bad input: one line `error: <file>: <problem>`,
+exit status 2.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from locnet_jax import evaluation, io, pipeline, train_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's folder.", required=True)
+_IMAGES = flags.DEFINE_list("image", None, "NIfTI images (comma-separated).", required=True)
+_OUT = flags.DEFINE_string("out", "predictions", "Output folder (replaced).")
+_SAMPLES = flags.DEFINE_integer("num_noise_samples", None, "Noise samples (default: the run's eval config).")
+
+
+def predict(workdir: Path, images: list[str], out: Path, *, num_samples=None) -> list[dict]:
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise io.DataError(config_path, "no such file: is this a training workdir?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  settings = train_lib.preprocess_settings(config.data)
+  examples = []
+  for image in images:
+    path = Path(image)
+    case_id = path.name.split(".")[0]
+    pyramid = pipeline.compute_pyramid(path, settings)
+    examples.append(pipeline.Example(case_id, pyramid, np.zeros((0, 3))))  # no ground truth
+  trained = evaluation.restore(config, workdir, example=examples[0])
+  samples = config.eval.num_noise_samples if num_samples is None else num_samples
+  predictions = evaluation.predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
+                                         seed=config.seed)
+  evaluation.replace_folder(out, lambda folder: evaluation.write_predictions(folder, predictions, trained.names))
+  return predictions
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    predictions = predict(Path(_WORKDIR.value), _IMAGES.value, Path(_OUT.value), num_samples=_SAMPLES.value)
+  except (io.DataError, train_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for p in predictions:
+    print(f"{p['case_id']}: {len(p['pred_mm'][-1])} landmarks ({p['seconds']:.1f} s)")
+  print(f"written to {_OUT.value}/ (.mrk.json for 3D Slicer, .csv in RAS mm)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+"""Metrics against hand-computed values; uncertainty in one call equals the loop of single noisy passes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from locnet_jax import inference, metrics
+from locnet_jax.models import MultiScaleLocNet
+
+
+def test_radial_errors_and_their_summary_by_hand():
+  target = np.array([[0.0, 0, 0], [1, 1, 1], [np.nan, np.nan, np.nan], [10, 0, 0], [0, 0, 0]])
+  pred = np.array([[3.0, 4, 0], [1, 1, 3], [5, 5, 5], [10, 0, 2.5], [0, 1, 0]])
+  errors = metrics.radial_errors(pred, target)
+  np.testing.assert_allclose(errors[[0, 1, 3, 4]], [5.0, 2.0, 2.5, 1.0])
+  assert np.isnan(errors[2])
+  summary = metrics.summarize_errors(errors)
+  assert summary["count"] == 4 and summary["missing"] == 1
+  assert summary["mean_mm"] == pytest.approx(2.625) and summary["median_mm"] == pytest.approx(2.25)
+  assert summary["std_mm"] == pytest.approx(math.sqrt(np.mean((np.array([5, 2, 2.5, 1]) - 2.625) ** 2)))
+  assert summary["max_mm"] == 5.0 and summary["p90_mm"] == pytest.approx(2.5 + 0.7 * 2.5)  # linear interpolation
+  assert [summary[f"sdr_{r}mm"] for r in ("2", "2.5", "3", "4")] == [0.5, 0.75, 0.75, 0.75]
+
+
+def test_confidence_ellipsoid_volume_and_coverage_by_hand():
+  assert metrics.CHI2_3 == pytest.approx(6.251389, abs=1e-5)
+  std = np.array([1.0, 2.0, 0.5])
+  expected = 4 / 3 * math.pi * 1.0 * 2.0 * 0.5 * 6.251389 ** 1.5  # 65.47 mm^3
+  assert metrics.confidence_volume_mm3(std) == pytest.approx(expected, rel=1e-6)
+  assert expected == pytest.approx(65.47, abs=0.01)
+  pred = np.zeros(3)
+  # on the x semi-axis: sqrt(6.2514) * 1 mm = 2.5003 mm; inside just below, outside just above
+  assert metrics.inside_ellipsoid(pred, std, np.array([2.50, 0, 0]))
+  assert not metrics.inside_ellipsoid(pred, std, np.array([2.51, 0, 0]))
+  assert metrics.inside_ellipsoid(pred, std, np.array([0, 5.0, 0]))  # y semi-axis 5.0006 mm
+  assert metrics.inside_ellipsoid(pred, std, np.array([1.5, 3.0, 0.5]))  # 2.25 + 2.25 + 1 = 5.5
+  assert not metrics.inside_ellipsoid(pred, std, np.array([1.5, 3.0, 0.75]))  # 2.25 + 2.25 + 2.25 = 6.75
+  assert not metrics.inside_ellipsoid(pred, std, np.full(3, np.nan))
+
+
+def test_a_gaussian_truth_is_covered_90_percent_and_the_correlation_is_scipys():
+  rng = np.random.default_rng(0)
+  std = rng.uniform(0.2, 3.0, (20000, 3))
+  truth = rng.normal(0.0, std)  # the model's Gaussian is exactly right
+  inside = metrics.inside_ellipsoid(np.zeros(3), std, truth)
+  errors = np.linalg.norm(truth, axis=-1)
+  errors[:5] = np.nan
+  summary = metrics.summarize_uncertainty(errors, std, inside)
+  assert summary["count"] == 19995 and summary["coverage"] == pytest.approx(0.90, abs=0.006)
+  volume = metrics.confidence_volume_mm3(std[5:])
+  assert summary["pearson_r"] == pytest.approx(scipy.stats.pearsonr(volume, errors[5:]).statistic)
+  assert summary["spearman_rho"] == pytest.approx(scipy.stats.spearmanr(volume, errors[5:]).statistic)
+  assert summary["pearson_r"] > 0.3 and summary["pearson_p"] < 1e-10  # larger ellipsoids, larger errors
+  np.testing.assert_allclose(summary["mean_std_mm"], std[5:].mean(axis=0))
+
+
+def _pyramid(batch):
+  keys = jax.random.split(jax.random.key(5), 3)
+  volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, (8, 16, 32))]
+  affines = [jnp.diag(jnp.array([s, -s, s, 1.0])).at[:3, 3].set(jnp.array([-16 + s / 2, 16 - s / 2, -16 + s / 2]))
+             for s in (4.0, 2.0, 1.0)]
+  return volumes, affines
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7])
+def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
+  volumes, affines = _pyramid(batch=2)
+  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
+                           com_kind="softmax", noise_mm=3.0)
+  params = model.init(jax.random.key(0), volumes, affines)["params"]
+  key = jax.random.key(11)
+  out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)
+  single = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k)["pred_mm"][:, -1])
+  loop = np.stack([single(k) for k in jax.random.split(key, 7)], axis=1)  # (B, N, K, 3)
+  np.testing.assert_allclose(out["samples_mm"], loop, atol=1e-4)
+  np.testing.assert_allclose(out["pred_mm"][:, -1], loop.mean(axis=1), atol=1e-4)
+  np.testing.assert_allclose(out["std_mm"], loop.std(axis=1), atol=1e-4)
+  clean = inference.make_predict(model)(params, volumes, affines)
+  np.testing.assert_allclose(out["pred_mm"][:, :-1], clean[:, :-1], atol=1e-5)
+  np.testing.assert_allclose(out["deterministic_mm"], clean[:, -1], atol=1e-5)
+  # and the model's own batched path agrees
+  batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
+  np.testing.assert_allclose(batched["samples_mm"], loop, atol=1e-4)
+
+
+def test_uncertainty_needs_two_scales():
+  with pytest.raises(ValueError, match=">= 2 scales"):
+    inference.make_uncertainty(MultiScaleLocNet(2, num_scales=1), num_samples=5, chunk_size=5)
