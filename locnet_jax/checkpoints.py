@@ -9,12 +9,13 @@ Layout under a run's folder ``<workdir>/checkpoints``::
 record (losses, validation errors), the global step, the best validation error so far and the config the
 run was started with. Saves are synchronous and atomic (Orbax writes to a temporary folder and renames
 it when complete): a process killed mid-save leaves the previous checkpoint intact, and the unfinished
-temporary folder is ignored and cleaned up on the next start.
+temporary folder is ignored and deleted on the next start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,20 @@ class Restored:
   meta: dict
 
 
+def _remove_unfinished(directory: Path) -> None:
+  """Deletes the temporary folders of saves that never finished (Orbax names them `<step>.orbax-checkpoint-tmp*`).
+
+  Done here, synchronously, rather than by Orbax's `cleanup_tmp_directories`, whose background thread
+  can race a process that exits right away (e.g. on a config error) and print a traceback at shutdown.
+  """
+  if jax.process_index() == 0 and directory.is_dir():
+    for path in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(path, ignore_errors=True)
+
+
 def _manager(directory: Path, *, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-                                         enable_async_checkpointing=False)
+  _remove_unfinished(directory)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory.absolute(), options=options, item_names=_ITEMS)
 
 

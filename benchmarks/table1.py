@@ -1,0 +1,98 @@
+"""Trains and evaluates every Table-1 row on the AFIDs benchmark, then gathers one table (resumable).
+
+    python benchmarks/table1.py --variant demo --epochs 10          # CPU size; rerun to resume
+    python benchmarks/table1.py --variant demo --epochs 10 --gather  # only the table from finished rows
+
+Each row is `python train.py --config=configs/<row>.py:<variant> --workdir=<root>/<row>
+--config.train.num_epochs=<epochs>` followed by `python evaluate.py` with the same flags: the same data
+(data/afids, seed 0), augmentation, optimiser and epoch budget for every row. A killed run resumes from
+its checkpoint when this script runs again; a finished row is not retrained. The table (<root>/table1.md)
+states each row's wall time as measured by this script (0 for a row finished by an earlier call), with
+the constant baseline on the same test split; the violin plot of all rows is <root>/fig4_table1.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ROWS = (("heatmap_unet", "heatmap U-Net"), ("single_scale", "single-scale Loc-Net"),
+        ("multistep", "multi-scale, multi-step"), ("no_noise", "multi-scale, end to end"),
+        ("multiscale", "multi-scale, end to end + noise"))
+
+
+def _flags(row: str, args) -> list[str]:
+  return [f"--config=configs/{row}.py:{args.variant}", f"--workdir={args.root / row}",
+          f"--config.train.num_epochs={args.epochs}", f"--config.seed={args.seed}"]
+
+
+def _run(script: str, row: str, args) -> float:
+  start = time.perf_counter()
+  print(f"$ python {script} {' '.join(_flags(row, args))}", flush=True)
+  subprocess.run([sys.executable, script, *_flags(row, args)], cwd=ROOT, check=True)
+  return time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variant", default="demo")
+  parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--root", type=Path, default=ROOT / "workdirs" / "table1")
+  parser.add_argument("--rows", default=",".join(r for r, _ in ROWS))
+  parser.add_argument("--gather", action="store_true", help="only gather finished rows")
+  args = parser.parse_args()
+  rows = [r for r in args.rows.split(",") if r]
+  times_path = args.root / "wall_seconds.json"
+  times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+  if not args.gather:
+    for row in rows:
+      results = args.root / row / "eval" / "test" / "results.json"
+      if results.is_file():
+        continue
+      seconds = _run("train.py", row, args) + _run("evaluate.py", row, args)
+      times[row] = times.get(row, 0.0) + seconds
+      args.root.mkdir(parents=True, exist_ok=True)
+      times_path.write_text(json.dumps(times, indent=1))
+  _gather(args, rows, times)
+
+
+def _gather(args, rows, times) -> None:
+  from locnet_jax import figures, io
+
+  build_info = json.loads((ROOT / "data" / "afids" / "build_info.json").read_text())
+  baseline = build_info["constant_baseline_test"]
+  lines = [f"AFIDs test split, `{args.variant}` sizes, {args.epochs} epochs, seed {args.seed}.", "",
+           "| method | mean ± std mm | median mm | SDR 2 mm | coverage 90 % | Pearson r (p) | wall time |",
+           "|---|---|---|---|---|---|---|",
+           f"| constant baseline (mean training position) | {baseline['mean_mm']:.2f} ± {baseline['std_mm']:.2f} | "
+           f"{baseline['median_mm']:.2f} | – | – | – | – |"]
+  errors = {}
+  for row, name in ROWS:
+    path = args.root / row / "eval" / "test" / "results.json"
+    if row not in rows or not path.is_file():
+      continue
+    r = json.loads(path.read_text())
+    o, u = r["overall"], r.get("uncertainty", {})
+    corr = f"{u['pearson_r']:.2f} ({u['pearson_p']:.1g})" if "pearson_r" in u else "–"
+    cover = f"{100 * u['coverage']:.0f} %" if "coverage" in u else "–"
+    wall = f"{times[row] / 60:.0f} min" if row in times else "–"
+    lines.append(f"| {name} | {o['mean_mm']:.2f} ± {o['std_mm']:.2f} | {o['median_mm']:.2f} | "
+                 f"{100 * o['sdr_2mm']:.0f} % | {cover} | {corr} | {wall} |")
+    errors[name] = [e for case in r["per_case"] for e in case["error_mm"] if e is not None]
+  table = "\n".join(lines) + "\n"
+  io.atomic_write(args.root / "table1.md", table)
+  if errors:
+    figures.save_violin(args.root / "fig4_table1.png", errors)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
