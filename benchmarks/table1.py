@@ -7,8 +7,9 @@ Each row is `python train.py --config=configs/<row>.py:<variant> --workdir=<root
 --config.train.num_epochs=<epochs>` followed by `python evaluate.py` with the same flags: the same data
 (data/afids, seed 0), augmentation, optimiser and epoch budget for every row. A killed run resumes from
 its checkpoint when this script runs again; a finished row is not retrained. The table (<root>/table1.md)
-states each row's wall time as measured by this script (0 for a row finished by an earlier call), with
-the constant baseline on the same test split; the violin plot of all rows is <root>/fig4_table1.png.
+states each row's training time (the sum of its epochs' times in metrics.jsonl, right across resumed
+runs), with the constant baseline on the same test split; the violin plot of all rows is
+<root>/fig4_table1.png.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _gather(args, rows, times) -> None:
   build_info = json.loads((ROOT / "data" / "afids" / "build_info.json").read_text())
   baseline = build_info["constant_baseline_test"]
   lines = [f"AFIDs test split, `{args.variant}` sizes, {args.epochs} epochs, seed {args.seed}.", "",
-           "| method | mean ± std mm | median mm | SDR 2 mm | coverage 90 % | Pearson r (p) | wall time |",
+           "| method | mean ± std mm | median mm | SDR 2 mm | coverage 90 % | Pearson r (p) | training time |",
            "|---|---|---|---|---|---|---|",
            f"| constant baseline (mean training position) | {baseline['mean_mm']:.2f} ± {baseline['std_mm']:.2f} | "
            f"{baseline['median_mm']:.2f} | – | – | – | – |"]
@@ -83,7 +84,9 @@ def _gather(args, rows, times) -> None:
     o, u = r["overall"], r.get("uncertainty", {})
     corr = f"{u['pearson_r']:.2f} ({u['pearson_p']:.1g})" if "pearson_r" in u else "–"
     cover = f"{100 * u['coverage']:.0f} %" if "coverage" in u else "–"
-    wall = f"{times[row] / 60:.0f} min" if row in times else "–"
+    epochs = [json.loads(line) for line in (args.root / row / "metrics.jsonl").read_text().splitlines()]
+    train_min = sum(e["epoch_s"] for e in epochs) / 60  # summed over epochs: right across resumed runs
+    wall = f"{train_min:.0f} min ({len(epochs)} epochs)"
     lines.append(f"| {name} | {o['mean_mm']:.2f} ± {o['std_mm']:.2f} | {o['median_mm']:.2f} | "
                  f"{100 * o['sdr_2mm']:.0f} % | {cover} | {corr} | {wall} |")
     errors[name] = [e for case in r["per_case"] for e in case["error_mm"] if e is not None]
