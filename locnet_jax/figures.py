@@ -60,7 +60,7 @@ def case_slices(model, params, example: pipeline.Example, *, names, data_names, 
 def save_slices(path: Path, rows: list[dict], *, title: str) -> None:
   """Fig. 3: one row per landmark, three orthogonal slices through the prediction; truth '+', prediction 'x'."""
   plt = _pyplot()
-  fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+  fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False, layout="constrained")
   for r, row in enumerate(rows):
     image, heat, pred = row["image"], np.maximum(row["heatmap"], 0), row["pred_vox"]
     at = np.clip(np.round(pred).astype(int), 0, np.asarray(image.shape) - 1)

@@ -28,7 +28,7 @@ import numpy as np
 
 from locnet_jax import augment as augment_lib
 from locnet_jax import checkpoints as checkpoints_lib
-from locnet_jax import io, losses, parallel, pipeline, reporting, synthetic, training
+from locnet_jax import inference, io, losses, parallel, pipeline, reporting, synthetic, training
 from locnet_jax.datasets import afids
 from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
@@ -143,13 +143,15 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
   return Data(train, val, manifest.landmarks, True)
 
 
-def validation_errors(apply_fn, params, cases: list[pipeline.Example], *, batch_size: int) -> np.ndarray:
-  """Mean radial error (mm) per scale (S,) over the annotated landmarks of `cases`, no noise."""
-  predict = jax.jit(lambda p, b: apply_fn({"params": p}, b["volumes"], b["affines"])["pred_mm"])
+def validation_errors(predict, params, cases: list[pipeline.Example], *, batch_size: int) -> np.ndarray:
+  """Mean radial error (mm) per scale (S,) over the annotated landmarks of `cases`, no noise.
+
+  `predict` is `inference.make_predict(model)` (made once, so it compiles once per run).
+  """
   errors = []
   for i in range(0, len(cases), batch_size):
     batch = pipeline.collate(cases[i:i + batch_size])
-    pred = np.asarray(predict(params, batch))
+    pred = np.asarray(predict(params, batch["volumes"], batch["affines"]))
     errors.append(np.linalg.norm(pred - np.asarray(batch["target_mm"])[:, None], axis=-1))  # (B, S, K)
   return np.nanmean(np.concatenate(errors), axis=(0, 2))
 
@@ -230,16 +232,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     reporting.rewind_metrics(workdir / "metrics.jsonl", epochs_done=first_epoch,
                              last_record=meta["record"] if meta else None)
     io.atomic_write(workdir / "config.json", json.dumps(config_dict, indent=2) + "\n")
-    meta = _train_epochs(config, workdir, checkpoints, data=data, state=state, mesh=mesh, root=root,
+    meta = _train_epochs(config, workdir, checkpoints, data=data, model=model, state=state, mesh=mesh, root=root,
                          first_epoch=first_epoch, step=step, meta=meta, log=log)
     return _summary(meta, checkpoints)
 
 
-def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, state, mesh, root, first_epoch: int,
+def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, state, mesh, root, first_epoch: int,
                   step: int, meta: dict | None, log) -> dict:
   """The epoch loop from `first_epoch`; returns the last checkpoint's metadata."""
   num_scales, epochs = len(config.data.spacings_mm), config.train.num_epochs
   step_fn = make_train_step(config)
+  predict = inference.make_predict(model)
   noise_root = jax.random.fold_in(root, 1)
   best_error = meta["best_val_error_mm"] if meta else float("inf")
   best_epoch = meta["best_epoch"] if meta else None
@@ -275,7 +278,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, state, mesh
           consume(*pending)
         pending = (metrics, index, step)
       consume(*pending)
-      val_error = validation_errors(state.apply_fn, state.params, data.val, batch_size=config.train.batch_size)
+      val_error = validation_errors(predict, state.params, data.val, batch_size=config.train.batch_size)
       finest = float(val_error[-1])
       is_best = finest < best_error
       if is_best:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import heatmap_unet, multiscale, multistep, no_noise, single_scale
-from locnet_jax import checkpoints, pipeline, reporting, train_lib, training
+from locnet_jax import checkpoints, inference, pipeline, reporting, train_lib, training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.spacings_mm": (8.0, 4.0), "data.finest_size": 16, "data.num_train": 2, "data.num_val": 1,
@@ -84,7 +84,8 @@ def test_best_checkpoint_is_the_lowest_validation_error(tmp_path):
   assert best.epochs_done == summary["best_epoch"] + 1 and summary["best_checkpoint"].endswith(f"best/{best.epochs_done}")
   # the best checkpoint really holds that model: its validation error is the recorded one
   data = train_lib.load_data(config.data, seed=config.seed, log=lambda *_: None)
-  errors = train_lib.validation_errors(best.state.apply_fn, best.state.params, data.val, batch_size=1)
+  model = train_lib.create_model(config.model, num_landmarks=2, num_scales=2)
+  errors = train_lib.validation_errors(inference.make_predict(model), best.state.params, data.val, batch_size=1)
   np.testing.assert_allclose(errors[-1], min(finest), rtol=1e-3)
 
 
