@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -75,6 +77,15 @@ def _gather(args, rows, times) -> None:
            "|---|---|---|---|---|---|---|",
            f"| constant baseline (mean training position) | {baseline['mean_mm']:.2f} ± {baseline['std_mm']:.2f} | "
            f"{baseline['median_mm']:.2f} | – | – | – | – |"]
+  from locnet_jax.datasets import afids
+  try:  # the human floor: each expert vs the consensus, moved like the test cases (needs ../shared)
+    raters = afids.rater_errors(ROOT / "data" / "afids", split="test")
+  except (FileNotFoundError, ValueError) as e:
+    raters = {}
+    lines.append(f"| human raters | not available: {e} | | | | | |")
+  for rater, e in raters.items():
+    lines.append(f"| human {rater} (vs consensus) | {e.mean():.2f} ± {e.std():.2f} | {np.median(e):.2f} | "
+                 f"{100 * np.mean(e <= 2.0):.0f} % | – | – | – |")
   errors = {}
   for row, name in ROWS:
     path = args.root / row / "eval" / "test" / "results.json"

@@ -153,3 +153,19 @@ def test_cli_reports_bad_source_in_one_line(tmp_path, capsys):
   assert afids.main(["--out", str(tmp_path / "o"), "--source", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "missing AFIDs source file" in err and "\n" not in err
+
+
+def test_rater_errors_move_with_each_case_and_match_the_published_range(built):
+  out, _ = built
+  errors = afids.rater_errors(out, split="train", source=SHARED)
+  info = json.loads((out / "build_info.json").read_text())
+  assert sorted(errors) == ["rater01", "rater02", "rater03", "rater04"]
+  index = [afids.AFID_NAMES.index(n) for n in LANDMARKS]
+  consensus = afids.parse_afids((SHARED / afids.FILES["afids"][0]).read_bytes())[index]
+  rater = afids.parse_afids(next((SHARED / "raters").glob("*rater01*")).read_bytes())[index]
+  train = [np.asarray(c["transform_world"]) for c in info["cases"] if c["split"] == "train"]
+  assert errors["rater01"].shape == (len(train), len(LANDMARKS))
+  linear = train[0][:3, :3]  # a translation cancels, the rotation-scale part does not
+  np.testing.assert_allclose(errors["rater01"][0], np.linalg.norm((rater - consensus) @ linear.T, axis=-1), atol=1e-6)
+  assert not np.allclose(errors["rater01"][0], np.linalg.norm(rater - consensus, axis=-1))  # scaled by the case
+  assert 0.2 < np.mean([e.mean() for e in errors.values()]) < 3.0

@@ -36,7 +36,7 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import augment, io, preprocess
+from locnet_jax import augment, geometry, io, preprocess
 
 # The 32 AFIDs in file order (acronyms from afids-utils' afids_descs.json, MIT licence).
 AFID_NAMES = ("AC", "PC", "ICS", "PMJ", "SIPF", "RSLMS", "LSLMS", "RILMS", "LILMS", "CUL", "IMS", "RMB", "LMB",
@@ -312,3 +312,27 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def rater_errors(build_dir, *, split: str = "test", source: Path | None = None) -> dict[str, np.ndarray]:
+  """The human error floor: each expert's own AFIDs against the consensus, on a built data set's split.
+
+  Both point sets are moved by each case's world transform (build_info.json), exactly as the case's
+  landmarks were. Returns {rater file stem: radial errors (cases, K) mm} for the set's K landmarks, read
+  from `<source>/raters/*.fcsv` (default: the shared folder; the wheels do not ship the raters' files).
+  """
+  build_dir, source = Path(build_dir), Path(source or DEFAULT_SOURCE)
+  info = json.loads((build_dir / "build_info.json").read_text())
+  if info.get("elastic"):
+    raise ValueError(f"{build_dir}: elastic warps are not stored; rater errors need an affine-only build")
+  names = json.loads((build_dir / "dataset.json").read_text())["landmarks"]
+  index = [AFID_NAMES.index(n) for n in names]
+  consensus = parse_afids((source / FILES["afids"][0]).read_bytes())[index]
+  transforms = [np.asarray(c["transform_world"]) for c in info["cases"] if c["split"] == split]
+  out = {}
+  for path in sorted((source / "raters").glob("*.fcsv")):
+    rater = parse_afids(path.read_bytes())[index]
+    out[path.name.split("_desc-")[-1].split("_")[0]] = np.stack(
+        [np.linalg.norm(geometry.apply_affine(t, rater) - geometry.apply_affine(t, consensus), axis=-1)
+         for t in transforms])
+  return out
