@@ -202,7 +202,6 @@ def _timed(fn, warmup, repeats):
 
 def main() -> None:
   import jax
-  import jax.numpy as jnp
 
   import model_cost
   from locnet_jax import inference, losses, training
