@@ -81,7 +81,8 @@ def make_train_step(config: ml_collections.ConfigDict):
   if config.model.kind == "heatmap":
     def step(state, batch, key, weights, trainable):
       del weights, trainable  # one output, no schedule
-      return training.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm)
+      return training.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm,
+                                         peak=config.model.heatmap_peak)
   else:
     def step(state, batch, key, weights, trainable):
       return training.train_step(state, batch, key, weights=weights, trainable=trainable)

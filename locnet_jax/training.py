@@ -75,13 +75,14 @@ def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, 
   return _apply(state, grads, trainable), _health(metrics, grads, state.params)
 
 
-def heatmap_loss_and_metrics(params, batch: dict[str, Any], *, apply_fn,
-                             sigma_mm: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The heatmap U-Net's loss: mean squared error against Gaussian blobs of std `sigma_mm` (paper: 6)."""
+def heatmap_loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, sigma_mm: float,
+                             peak: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The heatmap U-Net's loss: mean squared error against Gaussian blobs of std `sigma_mm` (paper: 6 mm)
+  and height `peak` (the prediction, the arg-max, does not depend on it; the balance of the loss does)."""
   out = apply_fn({"params": params}, batch["volumes"], batch["affines"])
   heatmap, target_mm = out["heatmap"], batch["target_mm"]
   affine = jnp.broadcast_to(jnp.asarray(batch["affines"][0], jnp.float32), (heatmap.shape[0], 4, 4))
-  targets = jax.vmap(lambda t, a: losses.heatmap_targets(t, a, shape=heatmap.shape[1:4], sigma_mm=sigma_mm))(
+  targets = peak * jax.vmap(lambda t, a: losses.heatmap_targets(t, a, shape=heatmap.shape[1:4], sigma_mm=sigma_mm))(
       target_mm, affine)
   loss = losses.heatmap_l2_loss(heatmap, targets, losses.landmark_mask(target_mm))
   error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], target_mm[:, None]))  # (B, 1, K)
@@ -90,10 +91,10 @@ def heatmap_loss_and_metrics(params, batch: dict[str, Any], *, apply_fn,
 
 
 def heatmap_train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None = None, *,
-                       sigma_mm: float) -> tuple[TrainState, dict[str, jax.Array]]:
+                       sigma_mm: float, peak: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step of the heatmap U-Net baseline (`key` unused: no noise injection)."""
   del key
-  grad_fn = jax.grad(functools.partial(heatmap_loss_and_metrics, apply_fn=state.apply_fn, sigma_mm=sigma_mm),
-                     has_aux=True)
+  grad_fn = jax.grad(functools.partial(heatmap_loss_and_metrics, apply_fn=state.apply_fn, sigma_mm=sigma_mm,
+                                       peak=peak), has_aux=True)
   grads, metrics = grad_fn(state.params, batch)
   return state.apply_gradients(grads=grads), _health(metrics, grads, state.params)
