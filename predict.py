@@ -2,7 +2,8 @@
 
     python predict.py --workdir=workdirs/demo --image=scan1.nii.gz,scan2.nii.gz --out=predictions/
 
-Uses the run's own config (`<workdir>/config.json`) and its best checkpoint. Per image, `<name>.mrk.json`
+Uses the run's own config (`<workdir>/config.json`) and its best checkpoint, or an exported model folder
+(export_model.py); without --workdir, the model shipped in pretrained/afids6_demo (see its model.json). Per image, `<name>.mrk.json`
 (LPS, as 3D Slicer saves; open it over the image) and `<name>.csv` (RAS mm, with per-axis std and the 90 %
 confidence volume when the model has >= 2 scales), and all of them in `predictions.csv`. The output folder
 is replaced as a whole once every prediction is written. Bad input: one line `error: <file>: <problem>`,
@@ -17,19 +18,24 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from locnet_jax import evaluation, io, pipeline, train_lib
+from locnet_jax import checkpoints, evaluation, io, pipeline, train_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's folder.", required=True)
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6_demo"
+_WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_MODEL),
+                               "A trained run's folder or an exported model folder (default: the shipped model).")
 _IMAGES = flags.DEFINE_list("image", None, "NIfTI images (comma-separated).", required=True)
 _OUT = flags.DEFINE_string("out", "predictions", "Output folder (replaced).")
 _SAMPLES = flags.DEFINE_integer("num_noise_samples", None, "Noise samples (default: the run's eval config).")
 
 
 def predict(workdir: Path, images: list[str], out: Path, *, num_samples=None) -> list[dict]:
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise io.DataError(config_path, "no such file: is this a training workdir?")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  if checkpoints.is_exported(workdir):
+    config = ml_collections.ConfigDict(json.loads((workdir / checkpoints.EXPORT_META).read_text())["config"])
+  else:
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+      raise io.DataError(config_path, "no such file: is this a training workdir or an exported model?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   settings = train_lib.preprocess_settings(config.data)
   examples = []
   for image in images:

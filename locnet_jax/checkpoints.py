@@ -15,12 +15,15 @@ temporary folder is ignored and deleted on the next start.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from locnet_jax import io
 
 _ITEMS = ("state", "meta")
 
@@ -111,3 +114,29 @@ class Checkpoints:
                                                              meta=ocp.args.JsonRestore()))
     return Restored(restored["state"], step, restored["meta"])
 
+
+
+EXPORT_PARAMS, EXPORT_META = "params", "model.json"
+
+
+def export_model(directory: str | Path, params, meta: dict) -> None:
+  """A small, self-contained model folder: `params/` (Orbax, parameters only) and `model.json` (the
+  run's config, landmark names, provenance and measured errors). `predict.py --workdir=<it>` reads it."""
+  directory = Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / EXPORT_PARAMS, params, force=True)
+  io.atomic_write(directory / EXPORT_META, json.dumps(meta, indent=1) + "\n")
+
+
+def is_exported(directory: str | Path) -> bool:
+  return (Path(directory) / EXPORT_META).is_file() and (Path(directory) / EXPORT_PARAMS).is_dir()
+
+
+def load_exported(directory: str | Path, target_params) -> tuple[Any, dict]:
+  """(parameters restored into `target_params`' structure, model.json) of an exported model folder."""
+  directory = Path(directory).absolute()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(directory / EXPORT_PARAMS, abstract)
+  return params, json.loads((directory / EXPORT_META).read_text())

@@ -55,7 +55,15 @@ def model_landmarks(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: pipeline.Example,
             which: str = "best") -> Trained:
-  """The run's best (or latest) checkpoint, with the model its config describes."""
+  """The run's best (or latest) checkpoint, or an exported model folder, with the model its config describes."""
+  if checkpoints_lib.is_exported(workdir):
+    card = json.loads((Path(workdir) / checkpoints_lib.EXPORT_META).read_text())
+    names = tuple(card["landmarks"])
+    model = train_lib.create_model(config.model, num_landmarks=len(names), num_scales=len(config.data.spacings_mm))
+    batch = pipeline.collate([example])
+    params, card = checkpoints_lib.load_exported(
+        workdir, model.init(jax.random.key(0), batch["volumes"], batch["affines"])["params"])
+    return Trained(model, params, names, Path(workdir) / checkpoints_lib.EXPORT_PARAMS, card)
   with checkpoints_lib.Checkpoints(Path(workdir) / "checkpoints") as checkpoints:
     meta = checkpoints.read_meta(best=which == "best")
     if meta is None:
@@ -70,24 +78,37 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: pipeli
   return Trained(model, restored.state.params, names, path, meta)
 
 
+def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, example: pipeline.Example,
+           notes: str = "") -> dict:
+  """Writes the run's best parameters and a model card (config, landmarks, provenance, measured errors)."""
+  trained = restore(config, workdir, example=example)
+  records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  results_path = Path(workdir) / "eval" / "test" / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.is_file() else None
+  card = {"landmarks": list(trained.names), "config": json.loads(config.to_json_best_effort()),
+          "checkpoint": str(trained.checkpoint), "best_epoch": trained.meta.get("best_epoch"),
+          "best_val_error_mm": trained.meta.get("best_val_error_mm"), "epochs": len(records),
+          "training_seconds": round(sum(r["epoch_s"] for r in records), 1),
+          "trained_on": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "test": None if results is None else {"data": results["data"], "split": results["split"],
+                                                 "overall": results["overall"],
+                                                 "uncertainty": results.get("uncertainty")},
+          "notes": notes}
+  checkpoints_lib.export_model(out, trained.params, card)
+  return card
+
+
 def check_model_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """The config's model and pyramid must be the ones the run was trained with."""
   saved_path = Path(workdir) / "config.json"
   if not saved_path.is_file():
     raise io.DataError(saved_path, "no such file: is this a training workdir?")
   saved = json.loads(saved_path.read_text())
-  now = json.loads(config.to_json_best_effort())
-  keys = ("model", "data.spacings_mm", "data.finest_size", "data.intensity", "data.ct_window_hu")
-  differences = []
-  for key in keys:
-    old, new = saved, now
-    for part in key.split("."):
-      old, new = old.get(part), new.get(part)
-    if old != new:
-      differences.append(key)
+  differences = train_lib.config_differences(saved, json.loads(config.to_json_best_effort()), prefixes=(
+      "model.", "data.spacings_mm", "data.finest_size", "data.intensity", "data.ct_window_hu"))
   if differences:
-    raise train_lib.ConfigError(f"{workdir} was trained with other {', '.join(differences)}: pass the training "
-                                "config (and overrides) with --config")
+    raise train_lib.ConfigError(f"{workdir} was trained with another model or pyramid ({'; '.join(differences)}): "
+                                "pass the training config (and overrides) with --config")
 
 
 def replace_folder(final: Path, write) -> None:

@@ -167,11 +167,13 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, config: dict) -> list[str]:
-  """'field: saved -> now' for every field that differs (JSON-normalised), except `RESUME_FREE` ones."""
+def config_differences(saved: dict, config: dict, *, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+  """'field: saved -> now' for every field under `prefixes` that differs (JSON-normalised), except
+  `RESUME_FREE` ones. A field the saved config lacks (added to the code after the run started) is not a
+  difference: the run is taken to have used its default."""
   old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if k not in RESUME_FREE and old.get(k) != new.get(k)]
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old)
+          if k.startswith(prefixes) and k not in RESUME_FREE and old.get(k) != new.get(k)]
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:

@@ -174,3 +174,38 @@ def test_evaluate_and_predict_from_the_shell(tmp_path):
                             f"--out={tmp_path / 'pred'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert missing.returncode == 2 and "no.nii.gz" in missing.stderr.strip().splitlines()[-1]
   assert (tmp_path / "pred" / f"{case['case_id']}.mrk.json").is_file()  # the earlier output is untouched
+
+
+def test_an_exported_model_predicts_exactly_as_its_run(tmp_path):
+  workdir, manifest, overrides = _tiny_run(tmp_path)
+  done = subprocess.run([sys.executable, "export_model.py", f"--workdir={workdir}", f"--out={tmp_path / 'model'}",
+                         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  card = json.loads((tmp_path / "model" / "model.json").read_text())
+  assert card["landmarks"] == ["A", "B"] and card["epochs"] == 2 and card["config"]["model"]["patch_size"] == 8
+  assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2e5  # parameters only
+  image = manifest.parent / "c0.nii.gz"
+  for source in (workdir, tmp_path / "model"):
+    done = subprocess.run([sys.executable, "predict.py", f"--workdir={source}", f"--image={image}",
+                           f"--out={tmp_path / source.name}-pred", "--num_noise_samples=3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+  np.testing.assert_array_equal(io.load_landmarks(tmp_path / "run-pred" / "c0.csv", ["A", "B"]),
+                                io.load_landmarks(tmp_path / "model-pred" / "c0.csv", ["A", "B"]))
+
+
+def test_the_shipped_model_finds_the_afids_on_a_new_warped_brain(tmp_path):
+  from locnet_jax.datasets import afids
+  if not afids.DEFAULT_SOURCE.is_dir():
+    pytest.skip("../shared/data/afids is not beside this checkout")
+  card = json.loads((ROOT / "pretrained" / "afids6_demo" / "model.json").read_text())
+  # a case the model never saw: another seed than its data set's
+  afids.build(tmp_path / "set", num_train=1, num_val=0, num_test=1, seed=12345, landmarks=tuple(card["landmarks"]),
+              workers=0, log=lambda *_: None)
+  case = io.load_manifest(tmp_path / "set" / "dataset.json").split("test")[0]
+  done = subprocess.run([sys.executable, "predict.py", f"--image={case.image}", f"--out={tmp_path / 'pred'}",
+                         "--num_noise_samples=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  predicted = io.load_landmarks(tmp_path / "pred" / f"{case.id}.mrk.json", card["landmarks"])
+  errors = np.linalg.norm(predicted - io.load_landmarks(case.landmarks, card["landmarks"]), axis=-1)
+  assert errors.mean() < 4.0 and errors.max() < 8.0, errors  # the model card's test mean: 2.17 mm

@@ -1,0 +1,40 @@
+"""Exports a trained run's best parameters as a small, self-contained model folder for predict.py.
+
+    python export_model.py --config=configs/multiscale.py:demo --workdir=workdirs/demo --out=pretrained/afids6_demo
+
+The folder holds `params/` (Orbax, parameters only: no optimiser state) and `model.json` (the config,
+landmark names, training time and hardware, validation and test errors when `evaluate.py` has run).
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from locnet_jax import evaluation, io, train_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's folder.", required=True)
+_OUT = flags.DEFINE_string("out", None, "The model folder to write.", required=True)
+_NOTES = flags.DEFINE_string("notes", "", "Free text for the model card (what it was trained on, caveats).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config, workdir = _CONFIG.value, Path(_WORKDIR.value)
+  try:
+    evaluation.check_model_config(config, workdir)
+    data = train_lib.load_data(config.data, seed=config.seed, log=lambda *_: None)
+    card = evaluation.export(config, workdir, Path(_OUT.value), example=data.val[0], notes=_NOTES.value)
+  except (io.DataError, train_lib.ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported {card['checkpoint']} ({len(card['landmarks'])} landmarks) to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
