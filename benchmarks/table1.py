@@ -18,7 +18,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +35,9 @@ def _flags(row: str, args) -> list[str]:
           f"--config.train.num_epochs={args.epochs}", f"--config.seed={args.seed}"]
 
 
-def _run(script: str, row: str, args) -> float:
-  start = time.perf_counter()
+def _run(script: str, row: str, args) -> None:
   print(f"$ python {script} {' '.join(_flags(row, args))}", flush=True)
   subprocess.run([sys.executable, script, *_flags(row, args)], cwd=ROOT, check=True)
-  return time.perf_counter() - start
 
 
 def main() -> None:
@@ -53,21 +50,17 @@ def main() -> None:
   parser.add_argument("--gather", action="store_true", help="only gather finished rows")
   args = parser.parse_args()
   rows = [r for r in args.rows.split(",") if r]
-  times_path = args.root / "wall_seconds.json"
-  times = json.loads(times_path.read_text()) if times_path.is_file() else {}
   if not args.gather:
     for row in rows:
       results = args.root / row / "eval" / "test" / "results.json"
       if results.is_file():
         continue
-      seconds = _run("train.py", row, args) + _run("evaluate.py", row, args)
-      times[row] = times.get(row, 0.0) + seconds
-      args.root.mkdir(parents=True, exist_ok=True)
-      times_path.write_text(json.dumps(times, indent=1))
-  _gather(args, rows, times)
+      _run("train.py", row, args)
+      _run("evaluate.py", row, args)
+  _gather(args, rows)
 
 
-def _gather(args, rows, times) -> None:
+def _gather(args, rows) -> None:
   from locnet_jax import figures, io
 
   build_info = json.loads((ROOT / "data" / "afids" / "build_info.json").read_text())
