@@ -61,16 +61,17 @@ def _inputs(size):
   return volumes, affines, target
 
 
-def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: int = 10) -> dict:
+def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: int = 10,
+             conv_impl: str = "auto") -> dict:
   import jax
   import numpy as np
-  from locnet_jax import inference, losses, training
+  from locnet_jax import inference, losses, training, unet
   from locnet_jax.models import MultiScaleLocNet
 
   spec = SIZES[size]
   volumes, affines, target = _inputs(size)
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
-                           patch_shape=(spec["patch"],) * 3, unet=spec["unet"])
+                           patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl})
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1) if len(spec["spacings"]) > 1 else None  # a single scale has no noise injection
@@ -118,7 +119,8 @@ def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: in
               peak_device_gb=stats.get("peak_bytes_in_use", float("nan")) / 1e9,
               params=sum(x.size for x in jax.tree.leaves(state.params)),
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats,
-              max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size)
+              max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size,
+              conv_impl=unet.resolve_conv_impl(conv_impl))
 
 
 def main() -> None:
@@ -128,15 +130,18 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--chunk", type=int, default=10, help="noise samples per chunk of the uncertainty call")
+  parser.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "as_2d"),
+                      help="how the U-Nets compute 3-D convolutions (locnet_jax.unet.CONV_IMPLS)")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload, print JSON
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(_measure(args.one, args.size, args.warmup, args.repeats, args.chunk)))
+    print(json.dumps(_measure(args.one, args.size, args.warmup, args.repeats, args.chunk, args.conv_impl)))
     return
   rows = []
   for workload in args.workloads.split(","):
     done = subprocess.run([sys.executable, __file__, "--size", args.size, "--one", workload, "--warmup",
-                           str(args.warmup), "--repeats", str(args.repeats), "--chunk", str(args.chunk)],
+                           str(args.warmup), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
+                           "--conv-impl", args.conv_impl],
                           capture_output=True, text=True)
     if done.returncode:  # e.g. out of device memory: a finding, reported as a row
       problem = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
@@ -147,7 +152,7 @@ def main() -> None:
     return
   r0 = rows[0]
   print(f"size={args.size} {SIZES[args.size]}  params={r0['params']:,}  device={r0['device']}  "
-        f"jax={r0['jax']}  median of {r0['repeats']} after {args.warmup} warm-up runs")
+        f"conv={r0['conv_impl']}  jax={r0['jax']}  median of {r0['repeats']} after {args.warmup} warm-up runs")
   print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | peak device GB |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:

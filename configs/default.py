@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   unet.downsample = "max"  # "max", "max_blur" (anti-aliased, Zhang 2019) or "blur"
   unet.upsample = "nearest"  # "nearest", "linear" or "transpose"
   unet.head_bias_init = 0.0  # initial bias of the heatmap layer
+  # "auto" (2-D-slice convolutions on CPU, lax's 3-D ones elsewhere), "xla" or "as_2d": speed only,
+  # same parameters and function (see locnet_jax/unet.py and benchmarks/conv_impl.py)
+  unet.conv_impl = "auto"
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)

@@ -34,7 +34,7 @@ from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
 SCHEDULES = ("paper", "multistep")
-RESUME_FREE = ("train.loader_workers", "data.cache_dir")  # may change between a run and its resumption
+RESUME_FREE = ("train.loader_workers", "data.cache_dir", "model.unet.conv_impl")  # may change between a run and its resumption
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,18 @@ NORMS = ("none", "group", "instance")
 DOWNSAMPLES = ("max", "max_blur", "blur")
 # "nearest" + conv is faster than "transpose" on XLA:CPU; "linear" is trilinear (anti-aliased) up-sampling.
 UPSAMPLES = ("nearest", "linear", "transpose")
+# How 3-D convolutions are computed (same function, same parameters): "xla" = lax's 3-D convolution;
+# "as_2d" = `ops.conv3d_as_2d`, a 2-D convolution over x-slices, several times faster on XLA:CPU;
+# "auto" = "as_2d" when JAX's default backend is the CPU, else "xla" (cuDNN's 3-D kernels on GPU).
+CONV_IMPLS = ("auto", "xla", "as_2d")
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """"auto" -> "as_2d" on a CPU default backend, "xla" elsewhere; other values pass through."""
+  _choice("conv_impl", impl, CONV_IMPLS)
+  if impl == "auto":
+    return "as_2d" if jax.default_backend() == "cpu" else "xla"
+  return impl
 
 
 def _choice(name: str, value, options) -> None:
@@ -61,7 +73,8 @@ class UNet3D(nn.Module):
   The decoder's first convolution over ``concat(up, skip)`` is written as the sum of two convolutions
   (one per input): the same function, and it avoids XLA:CPU's huge scratch buffers for convolutions over
   concatenations at large sizes. The last layer is a 1x1x1 convolution to `out_channels` (no activation),
-  its bias initialised to `head_bias_init`.
+  its bias initialised to `head_bias_init`. `conv_impl` picks how the 3-D convolutions are computed
+  (`CONV_IMPLS`); it changes speed only, not the parameters or the function.
   """
 
   out_channels: int
@@ -76,6 +89,7 @@ class UNet3D(nn.Module):
   downsample: str = "max"
   upsample: str = "nearest"
   head_bias_init: float = 0.0
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     _positive_int("out_channels", self.out_channels)
@@ -89,6 +103,7 @@ class UNet3D(nn.Module):
     _choice("activation", self.activation, ACTIVATIONS)
     _choice("downsample", self.downsample, DOWNSAMPLES)
     _choice("upsample", self.upsample, UPSAMPLES)
+    _choice("conv_impl", self.conv_impl, CONV_IMPLS)
     if self.norm == "group":
       _positive_int("norm_groups", self.norm_groups)
       for c in self.level_channels:
@@ -119,7 +134,9 @@ class UNet3D(nn.Module):
     return x
 
   def _conv(self, features: int, name: str, use_bias: bool = True) -> nn.Conv:
-    return nn.Conv(features, (self.kernel_size,) * 3, padding="SAME", use_bias=use_bias, name=name)
+    as_2d = resolve_conv_impl(self.conv_impl) == "as_2d"
+    return nn.Conv(features, (self.kernel_size,) * 3, padding="SAME", use_bias=use_bias, name=name,
+                   conv_general_dilated=ops.conv_general_dilated_as_2d if as_2d else None)
 
   def _block(self, x: jax.Array, features: int, level: str, first: jax.Array | None = None) -> jax.Array:
     act = ACTIVATIONS[self.activation]

@@ -189,6 +189,35 @@ def test_max_blur_pool_is_dense_max_then_blur():
 
 # ---------------------------------------------------------------- bad arguments
 
+# ---------------------------------------------------------------- convolution as 2-D slices
+def _lax_conv3d(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
+                                      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+@pytest.mark.parametrize("kernel_shape", [(3, 3, 3), (1, 1, 1), (2, 3, 4), (5, 1, 3)])
+def test_conv3d_as_2d_equals_the_3d_convolution_and_its_gradients(kernel_shape):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7, 3))  # odd, unequal sizes: padding and axis order show
+  kernel = jax.random.normal(jax.random.key(1), (*kernel_shape, 3, 4))
+  np.testing.assert_allclose(ops.conv3d_as_2d(x, kernel), _lax_conv3d(x, kernel), atol=1e-4, rtol=1e-5)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  got = jax.grad(loss(ops.conv3d_as_2d), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(_lax_conv3d), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_general_dilated_as_2d_falls_back_for_what_it_does_not_cover():
+  x = jax.random.normal(jax.random.key(0), (1, 6, 6, 6, 2))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 2))
+  dims = ("NDHWC", "DHWIO", "NDHWC")
+  for kwargs in [dict(window_strides=(2, 2, 2), padding="SAME"), dict(window_strides=(1, 1, 1), padding="VALID"),
+                 dict(window_strides=(1, 1, 1), padding="SAME", rhs_dilation=(2, 2, 2))]:
+    np.testing.assert_allclose(ops.conv_general_dilated_as_2d(x, kernel, dimension_numbers=dims, **kwargs),
+                               jax.lax.conv_general_dilated(x, kernel, dimension_numbers=dims, **kwargs),
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: ops.center_of_mass(jnp.ones((4, 4))), "3 dimensions"),
     (lambda: ops.center_of_mass(jnp.ones((4, 4, 4, 1))), "3 dimensions"),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from locnet_jax.unet import DOWNSAMPLES, NORMS, UPSAMPLES, UNet3D
+from locnet_jax.unet import CONV_IMPLS, DOWNSAMPLES, NORMS, UPSAMPLES, UNet3D, resolve_conv_impl
 
 
 @pytest.mark.parametrize("downsample, upsample, norm", list(itertools.product(DOWNSAMPLES, UPSAMPLES, NORMS)))
@@ -58,6 +58,26 @@ def test_jit_and_vmap_agree_with_a_batch():
   np.testing.assert_allclose(batched, per_example, atol=1e-5)
 
 
+def test_conv_impls_share_parameters_and_compute_the_same_function():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 4, 2))
+  nets = {impl: UNet3D(out_channels=3, depth=2, base_channels=4, norm="instance", conv_impl=impl)
+          for impl in ("xla", "as_2d")}
+  params = nets["xla"].init(jax.random.key(1), x)
+  assert (jax.tree_util.tree_structure(nets["as_2d"].init(jax.random.key(1), x)) ==
+          jax.tree_util.tree_structure(params))
+  outs = {impl: net.apply(params, x) for impl, net in nets.items()}
+  np.testing.assert_allclose(outs["as_2d"], outs["xla"], atol=1e-4, rtol=1e-4)
+  grads = {impl: jax.grad(lambda p, net=net: jnp.sum(net.apply(p, x) ** 2))(params) for impl, net in nets.items()}
+  for g, w in zip(jax.tree_util.tree_leaves(grads["as_2d"]), jax.tree_util.tree_leaves(grads["xla"])):
+    np.testing.assert_allclose(g, w, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_conv_impl_follows_the_backend():
+  assert resolve_conv_impl("auto") == ("as_2d" if jax.default_backend() == "cpu" else "xla")
+  assert [resolve_conv_impl(i) for i in ("xla", "as_2d")] == ["xla", "as_2d"]
+  assert set(CONV_IMPLS) == {"auto", "xla", "as_2d"}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(out_channels=0), "out_channels"),
     (dict(out_channels=1, depth=-1), "depth"),
@@ -68,6 +88,7 @@ def test_jit_and_vmap_agree_with_a_batch():
     (dict(out_channels=1, activation="tanhh"), "activation must be one of"),
     (dict(out_channels=1, downsample="avg"), "downsample must be one of"),
     (dict(out_channels=1, upsample="cubic"), "upsample must be one of"),
+    (dict(out_channels=1, conv_impl="fft"), "conv_impl must be one of"),
     (dict(out_channels=1, norm="group", base_channels=12, norm_groups=8), "divisible by norm_groups"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
