@@ -214,51 +214,47 @@ def main() -> None:
   parser.add_argument("--chunk", type=int, default=10)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--check-only", action="store_true")
+  parser.add_argument("--conv-impls", default="as_2d,xla",
+                      help="JAX convolution implementations to compare (locnet_jax.unet.CONV_IMPLS), comma-separated")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   spec = model_cost.SIZES[args.size]
   volumes, affines, target = model_cost._inputs(args.size)
   num_scales, k = len(spec["spacings"]), spec["num_landmarks"]
-  unet = dict(spec["unet"], norm="instance")
-  model = MultiScaleLocNet(k, num_scales=num_scales, patch_shape=(spec["patch"],) * 3, unet=unet)
+  impls = [i for i in args.conv_impls.split(",") if i]
+  models = {impl: MultiScaleLocNet(k, num_scales=num_scales, patch_shape=(spec["patch"],) * 3,
+                                   unet=dict(spec["unet"], norm="instance", conv_impl=impl)) for impl in impls}
+  model = models[impls[0]]
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   twin = TwinMultiScale(num_landmarks=k, num_scales=num_scales, patch=spec["patch"],
-                        unet=dict(depth=unet["depth"], base_channels=unet["base_channels"]))
+                        unet=dict(depth=spec["unet"]["depth"], base_channels=spec["unet"]["base_channels"]))
   twin.load_flax(jax.device_get(state.params))
   t_volumes = [torch.from_numpy(np.array(v[0])) for v in volumes]
   t_affines = [torch.from_numpy(np.array(a[0])) for a in affines]
 
-  # equal outputs for equal weights: deterministic, then with the same noise
+  # equal outputs for equal weights: deterministic, then with the same noise, for every JAX convolution
   key = jax.random.key(1)
-  noise = np.asarray(jax.random.uniform(key, (1, k, 3), minval=-5.0, maxval=5.0))
-  ours = np.asarray(model.apply({"params": state.params}, volumes, affines)["pred_mm"][0])
-  ours_noisy = np.asarray(model.apply({"params": state.params}, volumes, affines, noise_key=key)["pred_mm"][0])
+  noise = np.array(jax.random.uniform(key, (1, k, 3), minval=-5.0, maxval=5.0))
   with torch.no_grad():
     theirs = twin(t_volumes, t_affines).numpy()
     theirs_noisy = twin(t_volumes, t_affines, torch.from_numpy(noise[0])).numpy()
-  diff, diff_noisy = np.abs(ours - theirs).max(), np.abs(ours_noisy - theirs_noisy).max()
-  print(f"size={args.size} {spec}; max |JAX - PyTorch| prediction difference: {diff:.2e} mm without noise, "
-        f"{diff_noisy:.2e} mm with the same noise")
+  worst = 0.0
+  for impl, m in models.items():
+    ours = np.asarray(m.apply({"params": state.params}, volumes, affines)["pred_mm"][0])
+    ours_noisy = np.asarray(m.apply({"params": state.params}, volumes, affines, noise_key=key)["pred_mm"][0])
+    diff, diff_noisy = np.abs(ours - theirs).max(), np.abs(ours_noisy - theirs_noisy).max()
+    worst = max(worst, diff, diff_noisy)
+    print(f"size={args.size} {spec}; conv {impl}: max |JAX - PyTorch| prediction difference: {diff:.2e} mm "
+          f"without noise, {diff_noisy:.2e} mm with the same noise")
   if args.check_only:
-    sys.exit(0 if max(diff, diff_noisy) < 1e-2 else 1)
+    sys.exit(0 if worst < 1e-2 else 1)
 
-  rows = []
-  predict = jax.jit(lambda p, v, a, kk: model.apply({"params": p}, v, a, noise_key=kk)["pred_mm"])
-  rows.append(("forward", _timed(lambda: jax.block_until_ready(predict(state.params, volumes, affines, key)),
-                                 args.warmup, args.repeats),
-               _timed(lambda: _no_grad(twin, t_volumes, t_affines, torch.from_numpy(noise[0])), args.warmup, args.repeats)))
   weights = losses.loss_weights(250, num_epochs=500, num_scales=num_scales)
   batch = {"volumes": volumes, "affines": affines, "target_mm": target}
-  step = jax.jit(lambda s, kk: training.train_step(s, batch, kk, weights=weights))
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"], metrics = step(holder["state"], key)
-    jax.block_until_ready(metrics)
-
   optimizer = torch.optim.Adam(twin.parameters(), lr=5e-4)
   t_target, t_weights = torch.from_numpy(np.asarray(target[0])), torch.from_numpy(np.asarray(weights))
+  t_noise = torch.from_numpy(np.array(jax.random.uniform(key, (NUM_SAMPLES, k, 3), minval=-5.0, maxval=5.0)))
 
   def torch_step():
     optimizer.zero_grad()
@@ -267,18 +263,32 @@ def main() -> None:
     loss.backward()
     optimizer.step()
 
-  rows.append(("training step", _timed(jax_step, args.warmup, args.repeats), _timed(torch_step, args.warmup, args.repeats)))
-  sample = inference.make_uncertainty(model, num_samples=NUM_SAMPLES, chunk_size=args.chunk)
-  t_noise = torch.from_numpy(np.asarray(jax.random.uniform(key, (NUM_SAMPLES, k, 3), minval=-5.0, maxval=5.0)))
-  rows.append((f"{NUM_SAMPLES}-pass uncertainty (chunks of {args.chunk})",
-               _timed(lambda: jax.block_until_ready(sample(state.params, volumes, affines, key)), args.warmup, args.repeats),
-               _timed(lambda: twin.uncertainty(t_volumes, t_affines, t_noise, args.chunk), args.warmup, args.repeats)))
+  def jax_workloads(m):
+    predict = jax.jit(lambda p, v, a, kk: m.apply({"params": p}, v, a, noise_key=kk)["pred_mm"])
+    step = jax.jit(lambda s, kk: training.train_step(s, batch, kk, weights=weights))
+    sample = inference.make_uncertainty(m, num_samples=NUM_SAMPLES, chunk_size=args.chunk)
+    holder = {"state": state.replace(apply_fn=m.apply)}
+
+    def jax_step():
+      holder["state"], metrics = step(holder["state"], key)
+      jax.block_until_ready(metrics)
+    return (lambda: jax.block_until_ready(predict(state.params, volumes, affines, key)), jax_step,
+            lambda: jax.block_until_ready(sample(state.params, volumes, affines, key)))
+
+  names = ("forward", "training step", f"{NUM_SAMPLES}-pass uncertainty (chunks of {args.chunk})")
+  timed = {impl: [_timed(fn, args.warmup, args.repeats) for fn in jax_workloads(m)] for impl, m in models.items()}
+  timed["torch"] = [_timed(fn, args.warmup, args.repeats) for fn in (
+      lambda: _no_grad(twin, t_volumes, t_affines, torch.from_numpy(noise[0])), torch_step,
+      lambda: twin.uncertainty(t_volumes, t_affines, t_noise, args.chunk))]
   print(f"CPU, {args.threads} threads; jax {jax.__version__}, torch {torch.__version__}; median of {args.repeats} "
-        f"after {args.warmup} warm-up")
-  print("| workload | JAX s (min-max) | PyTorch s (min-max) | JAX / PyTorch |")
-  print("|---|---|---|---|")
-  for name, (jm, jlo, jhi), (tm, tlo, thi) in rows:
-    print(f"| {name} | {jm:.2f} ({jlo:.2f}-{jhi:.2f}) | {tm:.2f} ({tlo:.2f}-{thi:.2f}) | {jm / tm:.2f} |")
+        f"after {args.warmup} warm-up, seconds (min-max)")
+  print("| workload | " + " | ".join(f"JAX conv={i}" for i in impls) + " | PyTorch | " +
+        " | ".join(f"JAX {i} / PyTorch" for i in impls) + " |")
+  print("|---" * (2 * len(impls) + 2) + "|")
+  for w, name in enumerate(names):
+    cells = [f"{timed[i][w][0]:.3f} ({timed[i][w][1]:.3f}-{timed[i][w][2]:.3f})" for i in [*impls, "torch"]]
+    ratios = [f"{timed[i][w][0] / timed['torch'][w][0]:.2f}" for i in impls]
+    print(f"| {name} | " + " | ".join(cells + ratios) + " |")
 
 
 def _no_grad(twin, volumes, affines, noise):
