@@ -43,11 +43,11 @@ SIZES["single448"] = dict(num_landmarks=2, spacings=(0.5,), finest=448, patch=56
 NUM_SAMPLES = 50  # test-time noise passes (paper: 50)
 
 
-def _inputs(size):
+def _inputs(spec: dict):
+  """Random volumes (1, n, n, n) per scale over the same field of view, their affines, and targets."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  spec = SIZES[size]
   fov_mm = spec["finest"] * spec["spacings"][-1]
   volumes, affines = [], []
   for s, spacing in enumerate(spec["spacings"]):
@@ -61,15 +61,14 @@ def _inputs(size):
   return volumes, affines, target
 
 
-def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: int = 10,
-             conv_impl: str = "auto") -> dict:
+def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: int = 10,
+             conv_impl: str = "auto", max_run_gb: float = float("inf")) -> dict:
   import jax
   import numpy as np
   from locnet_jax import inference, losses, training, unet
   from locnet_jax.models import MultiScaleLocNet
 
-  spec = SIZES[size]
-  volumes, affines, target = _inputs(size)
+  volumes, affines, target = _inputs(spec)
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
                            patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl})
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
@@ -94,6 +93,12 @@ def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: in
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
+  need_gb = (getattr(memory, "temp_size_in_bytes", 0) + getattr(memory, "argument_size_in_bytes", 0)) / 1e9
+  if need_gb > max_run_gb:  # compiled but not run: XLA's own plan says it does not fit
+    return dict(workload=workload, compile_s=compile_s, gflop=float(cost.get("flops", float("nan"))) / 1e9,
+                temp_gb=getattr(memory, "temp_size_in_bytes", float("nan")) / 1e9, skipped=True,
+                params=sum(x.size for x in jax.tree.leaves(state.params)), device=jax.devices()[0].device_kind,
+                jax=jax.__version__, repeats=0, conv_impl=unet.resolve_conv_impl(conv_impl))
   times = []
   keys = jax.random.split(key, calls) if calls > 1 else None
   for i in range(warmup + repeats):
@@ -112,7 +117,7 @@ def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: in
     max_diff_mm = float(np.max(np.abs(np.asarray(compiled(*args)["samples_mm"]) - loop)))
   stats = jax.devices()[0].memory_stats() or {}
   median = statistics.median(times)
-  return dict(workload=workload, size=size, compile_s=compile_s, median_s=median, min_s=min(times),
+  return dict(workload=workload, compile_s=compile_s, median_s=median, min_s=min(times),
               max_s=max(times), gflop=flops / 1e9, gflops_per_s=flops / 1e9 / median,
               temp_gb=getattr(memory, "temp_size_in_bytes", float("nan")) / 1e9,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -121,6 +126,18 @@ def _measure(workload: str, size: str, warmup: int, repeats: int, chunk_size: in
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats,
               max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size,
               conv_impl=unet.resolve_conv_impl(conv_impl))
+
+
+def measure_in_subprocess(workload: str, spec: dict, *, warmup: int, repeats: int, chunk: int = 10,
+                          conv_impl: str = "auto", max_run_gb: float = float("inf")) -> dict | str:
+  """`_measure` in a fresh process (its own peak memory); the row dict, or the error's last line."""
+  done = subprocess.run([sys.executable, __file__, "--one", workload, "--spec-json", json.dumps(spec),
+                         "--warmup", str(warmup), "--repeats", str(repeats), "--chunk", str(chunk),
+                         "--conv-impl", conv_impl, "--max-run-gb", str(max_run_gb)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:160]
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -133,21 +150,21 @@ def main() -> None:
   parser.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "as_2d"),
                       help="how the U-Nets compute 3-D convolutions (locnet_jax.unet.CONV_IMPLS)")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload, print JSON
+  parser.add_argument("--spec-json", help=argparse.SUPPRESS)  # internal: the size spec of --one
+  parser.add_argument("--max-run-gb", type=float, default=float("inf"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(_measure(args.one, args.size, args.warmup, args.repeats, args.chunk, args.conv_impl)))
+    print(json.dumps(_measure(args.one, json.loads(args.spec_json), args.warmup, args.repeats, args.chunk,
+                              args.conv_impl, args.max_run_gb)))
     return
   rows = []
   for workload in args.workloads.split(","):
-    done = subprocess.run([sys.executable, __file__, "--size", args.size, "--one", workload, "--warmup",
-                           str(args.warmup), "--repeats", str(args.repeats), "--chunk", str(args.chunk),
-                           "--conv-impl", args.conv_impl],
-                          capture_output=True, text=True)
-    if done.returncode:  # e.g. out of device memory: a finding, reported as a row
-      problem = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
-      print(f"| {workload} | failed: {problem} |")
+    row = measure_in_subprocess(workload, SIZES[args.size], warmup=args.warmup, repeats=args.repeats,
+                                chunk=args.chunk, conv_impl=args.conv_impl)
+    if isinstance(row, str):  # e.g. out of device memory: a finding, reported as a row
+      print(f"| {workload} | failed: {row} |")
       continue
-    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows.append(row)
   if not rows:
     return
   r0 = rows[0]

@@ -219,7 +219,7 @@ def main() -> None:
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   spec = model_cost.SIZES[args.size]
-  volumes, affines, target = model_cost._inputs(args.size)
+  volumes, affines, target = model_cost._inputs(spec)
   num_scales, k = len(spec["spacings"]), spec["num_landmarks"]
   impls = [i for i in args.conv_impls.split(",") if i]
   models = {impl: MultiScaleLocNet(k, num_scales=num_scales, patch_shape=(spec["patch"],) * 3,
