@@ -46,8 +46,7 @@ def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_
     center = out[:, last - 1]  # what the finest crop is centred on, before the shift
     batch, k_count = center.shape[:2]
     affine = models.batched_affine(affines[last], batch, "finest affine")
-    draw = lambda k: jax.random.uniform(k, center.shape, minval=-radius, maxval=radius)  # noqa: E731
-    noise = jax.vmap(draw)(jax.random.split(key, num_samples))  # (N, B, K, 3)
+    noise = models.noise_shifts_mm(key, center.shape, radius_mm=radius, num_samples=num_samples)  # (N, B, K, 3)
     noise = jnp.pad(noise, [(0, num_chunks * chunk - num_samples)] + [(0, 0)] * 3)
     net = functools.partial(finest.apply, {"params": params[f"scale{last}"]})
 

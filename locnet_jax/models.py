@@ -191,12 +191,20 @@ class MultiScaleLocNet(nn.Module):
 
   def _shifted(self, center_mm: jax.Array, key: jax.Array, num_samples: int | None) -> jax.Array:
     """Centres (B, K, 3) + U(-r, r) mm per axis; with N samples (B, N*K, 3), sample n drawn with split key n."""
-    draw = lambda k: jax.random.uniform(k, center_mm.shape, minval=-self.noise_mm, maxval=self.noise_mm)  # noqa: E731
     if num_samples is None:
-      return center_mm + draw(key)
-    noise = jax.vmap(draw)(jax.random.split(key, num_samples))  # (N, B, K, 3)
-    shifted = center_mm[None] + noise
+      return center_mm + noise_shifts_mm(key, center_mm.shape, radius_mm=self.noise_mm)
+    shifted = center_mm[None] + noise_shifts_mm(key, center_mm.shape, radius_mm=self.noise_mm,
+                                                num_samples=num_samples)  # (N, B, K, 3)
     return jnp.moveaxis(shifted, 0, 1).reshape(center_mm.shape[0], -1, 3)
+
+
+def noise_shifts_mm(key: jax.Array, shape, *, radius_mm: float, num_samples: int | None = None) -> jax.Array:
+  """The injected shifts, U(-radius, radius) mm per axis: `shape`, or (N, *shape) with sample n drawn from
+  ``jax.random.split(key, N)[n]`` (so sample n equals one noisy pass with that key)."""
+  draw = lambda k: jax.random.uniform(k, shape, minval=-radius_mm, maxval=radius_mm)  # noqa: E731
+  if num_samples is None:
+    return draw(key)
+  return jax.vmap(draw)(jax.random.split(key, num_samples))
 
 
 def single_scale_locnet(num_landmarks: int, *, unet: Mapping[str, Any], extra_levels: int = 1,
