@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data.finest_size = 128
     config.model.patch_size = 24
     config.model.unet.base_channels = 8
-    config.train.num_epochs = 5
+    config.train.num_epochs = 15
     config.train.learning_rate = 1e-3
   if variant == "synthetic_demo":
     config.data.source = "synthetic"

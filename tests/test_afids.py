@@ -169,3 +169,27 @@ def test_rater_errors_move_with_each_case_and_match_the_published_range(built):
   np.testing.assert_allclose(errors["rater01"][0], np.linalg.norm((rater - consensus) @ linear.T, axis=-1), atol=1e-6)
   assert not np.allclose(errors["rater01"][0], np.linalg.norm(rater - consensus, axis=-1))  # scaled by the case
   assert 0.2 < np.mean([e.mean() for e in errors.values()]) < 3.0
+
+
+def test_local_contrast_sees_an_edge_and_not_a_flat_region_on_an_oblique_anisotropic_grid():
+  # a half-space edge x_mm = 0 in a volume stored with flipped, anisotropic, oblique axes
+  from scipy.spatial.transform import Rotation
+  affine = np.eye(4)
+  affine[:3, :3] = Rotation.from_euler("xyz", (10.0, -20.0, 30.0), degrees=True).as_matrix() @ np.diag((-1.0, 0.5, 2.0))
+  affine[:3, 3] = (20.0, -15.0, -25.0)
+  shape = (48, 80, 32)
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+  x_mm = geometry.vox_to_mm(grid, affine)[:, 0].reshape(shape)
+  data = np.where(x_mm > 0, 100.0, 20.0)
+  center_mm = geometry.vox_to_mm(np.array(shape) / 2 - 0.5, affine)
+  on_edge = center_mm * np.array([0.0, 1.0, 1.0])
+  flat = on_edge + np.array([-10.0, 0.0, 0.0])  # 10 mm away from the edge: nothing within 5 mm
+  contrast = afids.local_contrast(data, affine, np.stack([on_edge, flat]), radius_mm=5.0)
+  assert contrast[1] == pytest.approx(0.0, abs=1e-9)
+  assert contrast[0] == pytest.approx(0.5 * (100 - 20) / 100, rel=0.1)  # half the ball on each side
+
+
+@needs_shared
+def test_landmark_contrast_of_the_template():
+  contrast = afids.landmark_contrast(("AC", "GENU"), source=SHARED)
+  assert sorted(contrast) == ["AC", "GENU"] and all(0.0 < v < 1.0 for v in contrast.values())

@@ -135,6 +135,35 @@ def load_template(data: bytes) -> io.Volume:
     return io.load_volume(path)
 
 
+def local_contrast(data: np.ndarray, affine: np.ndarray, points_mm: np.ndarray, *, radius_mm: float = 5.0) -> np.ndarray:
+  """Image structure around each point: the std of the intensities (scaled by the 99.9th percentile) over
+  the voxels within `radius_mm` of the point (RAS mm, (K, 3)) -> (K,). Near 0: a flat, low-contrast
+  neighbourhood, where a landmark has little to be found by; larger: edges nearby."""
+  data = np.asarray(data, np.float64)
+  scaled = data / (float(np.percentile(data, 99.9)) or 1.0)
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), axis=-1)
+  out = []
+  for point_mm in np.asarray(points_mm, np.float64).reshape(-1, 3):
+    center_vox = geometry.mm_to_vox(point_mm, affine)
+    reach = np.ceil(radius_mm / geometry.voxel_spacing_mm(affine)).astype(int) + 1
+    lo = np.maximum(np.floor(center_vox).astype(int) - reach, 0)
+    hi = np.minimum(np.floor(center_vox).astype(int) + reach + 1, data.shape)
+    window = tuple(slice(a, b) for a, b in zip(lo, hi))
+    distance = np.linalg.norm(geometry.vox_to_mm(grid[window].reshape(-1, 3), affine) - point_mm, axis=-1)
+    inside = scaled[window].reshape(-1)[distance <= radius_mm]
+    out.append(float(inside.std()) if inside.size else float("nan"))
+  return np.asarray(out)
+
+
+def landmark_contrast(names, *, source: Path | str | None = None, radius_mm: float = 5.0) -> dict[str, float]:
+  """`local_contrast` of the T1w template at each named consensus AFID: {name: contrast}."""
+  files = read_source_files(source=source)
+  template, points = load_template(files["T1w"]), parse_afids(files["afids"])
+  index = [AFID_NAMES.index(n) for n in names]
+  values = local_contrast(template.data, template.affine, points[index], radius_mm=radius_mm)
+  return dict(zip(names, values.tolist()))
+
+
 # ---------------------------------------------------------------- random transforms
 
 def random_affine_transform(rng: np.random.Generator, *, max_rotation_deg=15.0, max_translation_mm=20.0,
