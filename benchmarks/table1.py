@@ -88,6 +88,8 @@ def _gather(args, rows) -> None:
     o, u = r["overall"], r.get("uncertainty", {})
     corr = f"{u['pearson_r']:.2f} ({u['pearson_p']:.1g})" if "pearson_r" in u else "–"
     cover = f"{100 * u['coverage']:.0f} %" if "coverage" in u else "–"
+    if "coverage" in r.get("uncertainty_calibrated", {}):
+      cover += f" (calibrated on val, ×{r['calibration']['scale']:.1f}: {100 * r['uncertainty_calibrated']['coverage']:.0f} %)"
     epochs = [json.loads(line) for line in (args.root / row / "metrics.jsonl").read_text().splitlines()]
     train_s = sum(e["epoch_s"] for e in epochs)  # summed over epochs: right across resumed runs
     saved = json.loads((args.root / row / "config.json").read_text())

@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.num_noise_samples = 50  # test-time passes with different noise (paper: 50); 0: one deterministic pass
   ev.chunk_size = 10  # noise samples computed at once inside the one jitted call (bounds memory)
   ev.out_dir = ""  # "" = <workdir>/eval/<split>; replaced as a whole when the new results are complete
+  # split whose cases fit a scale for the noise samples' std (90 % coverage there), applied to `split` as
+  # a second, calibrated coverage ("" = none); the raw coverage is always reported too
+  ev.calibrate_split = "val"
   ev.figures = True  # fig3_slices.png, fig4_errors.png, fig5_confidence.png
   ev.compare_workdirs = ""  # comma-separated other workdirs (already evaluated) for the violin plot
   return config

@@ -154,14 +154,31 @@ def predict_cases(trained: Trained, examples: list[pipeline.Example], *, num_sam
   return out
 
 
-def score(predictions: list[dict], examples: list[pipeline.Example], *, model_names, data_names) -> dict:
-  """results.json's content: overall, per landmark, per scale and per case figures (matched by name)."""
+def _matched(predictions: list[dict], examples: list[pipeline.Example], *, model_names, data_names):
+  """(scored names, model index, data index): the landmarks both have, matched by name."""
   scored = [n for n in model_names if n in data_names]
   if not scored:
     raise train_lib.ConfigError(f"the model's landmarks {list(model_names)} and the data set's {list(data_names)} "
                                 "share no name: nothing to score")
-  mi = [model_names.index(n) for n in scored]
-  di = [data_names.index(n) for n in scored]
+  return scored, [model_names.index(n) for n in scored], [data_names.index(n) for n in scored]
+
+
+def calibration(predictions: list[dict], examples: list[pipeline.Example], *, model_names, data_names) -> float:
+  """`metrics.calibration_scale` of the noise samples' std on these (held-out) cases."""
+  _, mi, di = _matched(predictions, examples, model_names=model_names, data_names=data_names)
+  truth = np.stack([ex.target_mm[di] for ex in examples])
+  return metrics.calibration_scale(np.stack([p["mean_mm"][mi] for p in predictions]),
+                                   np.stack([p["std_mm"][mi] for p in predictions]), truth)
+
+
+def score(predictions: list[dict], examples: list[pipeline.Example], *, model_names, data_names,
+          calibration: dict | None = None) -> dict:
+  """results.json's content: overall, per landmark, per scale and per case figures (matched by name).
+
+  `calibration` ({"split", "cases", "scale"}): the std scale fitted on held-out cases; with noise samples,
+  results then also hold "uncertainty_calibrated" (coverage with std x scale; correlations do not change).
+  """
+  scored, mi, di = _matched(predictions, examples, model_names=model_names, data_names=data_names)
   truth = np.stack([ex.target_mm[di] for ex in examples])  # (C, L, 3)
   det = np.stack([p["pred_mm"][:, mi] for p in predictions])  # (C, S, L, 3)
   has_samples = predictions[0]["mean_mm"] is not None
@@ -182,6 +199,11 @@ def score(predictions: list[dict], examples: list[pipeline.Example], *, model_na
     results["uncertainty"] = metrics.summarize_uncertainty(errors, std, inside)
     for j, n in enumerate(scored):
       results["per_landmark"][n]["uncertainty"] = metrics.summarize_uncertainty(errors[:, j], std[:, j], inside[:, j])
+    if calibration is not None:
+      scaled = std * calibration["scale"]
+      results["calibration"] = dict(calibration)
+      results["uncertainty_calibrated"] = metrics.summarize_uncertainty(
+          errors, scaled, metrics.inside_ellipsoid(final, scaled, truth))
   for c, (p, ex) in enumerate(zip(predictions, examples)):
     case = {"case_id": p["case_id"], "error_mm": _floats(errors[c]), "pred_mm": final[c].round(4).tolist()}
     if has_samples:
@@ -254,6 +276,10 @@ def results_markdown(results: dict, *, title: str) -> str:
     lines += ["", f"Confidence volume vs error: Pearson r = {unc['pearson_r']:.3f} (p = {unc['pearson_p']:.2g}), "
               f"Spearman rho = {unc['spearman_rho']:.3f} (p = {unc['spearman_p']:.2g}); coverage "
               f"{100 * unc['coverage']:.1f} % (nominal 90 %)."]
+  if "uncertainty_calibrated" in results:
+    cal = results["calibration"]
+    lines += ["", f"Calibrated on the {cal['cases']} {cal['split']} cases (std x {cal['scale']:.2f}): coverage "
+              f"{100 * results['uncertainty_calibrated']['coverage']:.1f} % (nominal 90 %)."]
   if results["not_scored"]:
     lines += ["", f"Predicted but not in the data set (not scored): {', '.join(results['not_scored'])}."]
   return "\n".join(lines) + "\n"
@@ -273,7 +299,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
   log(f"evaluating {trained.checkpoint} on {len(examples)} {config.eval.split} cases of {manifest.path}")
   predictions = predict_cases(trained, examples, num_samples=config.eval.num_noise_samples,
                               chunk_size=config.eval.chunk_size, seed=config.seed)
-  results = score(predictions, examples, model_names=trained.names, data_names=manifest.landmarks)
+  fitted = None
+  split = config.eval.calibrate_split
+  if (predictions[0]["std_mm"] is not None and split and split != config.eval.split
+      and any(c.split == split for c in manifest.cases)):
+    held_out = manifest.split(split)
+    pipeline.prepare_cases(held_out, manifest.landmarks, settings, cache, workers=train_lib.cpu_workers())
+    held_out = [pipeline.load_example(c, manifest.landmarks, settings, cache, check=False) for c in held_out]
+    log(f"calibrating the uncertainty on {len(held_out)} {split} cases")
+    scale = calibration(predict_cases(trained, held_out, num_samples=config.eval.num_noise_samples,
+                                      chunk_size=config.eval.chunk_size, seed=config.seed + 1),
+                        held_out, model_names=trained.names, data_names=manifest.landmarks)
+    fitted = {"split": split, "cases": len(held_out), "scale": scale}
+  results = score(predictions, examples, model_names=trained.names, data_names=manifest.landmarks,
+                  calibration=fitted)
   results.update(checkpoint=str(trained.checkpoint), data=str(manifest.path), split=config.eval.split,
                  num_noise_samples=config.eval.num_noise_samples, device=jax.devices()[0].device_kind)
   out = Path(config.eval.out_dir) if config.eval.out_dir else workdir / "eval" / config.eval.split

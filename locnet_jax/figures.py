@@ -111,7 +111,9 @@ def save_confidence_vs_error(path: Path, results: dict) -> None:
   ax.set_xlabel("90 % confidence volume (mm³)")
   ax.set_ylabel("radial error (mm)")
   r = f"Pearson r = {unc['pearson_r']:.2f} (p = {unc['pearson_p']:.1g})" if "pearson_r" in unc else "r: n/a"
-  ax.set_title(f"{r}, coverage {100 * unc['coverage']:.0f} %", fontsize=9)
+  calibrated = results.get("uncertainty_calibrated", {})
+  extra = f" (calibrated on {results['calibration']['split']}: {100 * calibrated['coverage']:.0f} %)" if calibrated else ""
+  ax.set_title(f"{r}, coverage {100 * unc['coverage']:.0f} %{extra}", fontsize=9)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   _save(fig, path)

@@ -98,6 +98,15 @@ def test_scores_match_landmarks_by_name_and_count_missing_truths():
   assert "| **all landmarks** | 3 | 1.33 ± 1.25 |" in table and "not scored): B" in table
   with pytest.raises(evaluation.train_lib.ConfigError, match="share no name"):
     evaluation.score(predictions, examples, model_names=model_names, data_names=("X", "Y", "Z"))
+  # calibration fitted on these same cases: z = (0, 3, 10) -> 10 / sqrt(chi2_3(0.9)) covers all three
+  scale = evaluation.calibration(predictions, examples, model_names=model_names, data_names=data_names)
+  assert scale == pytest.approx(10 / np.sqrt(metrics.CHI2_3))
+  fitted = {"split": "val", "cases": 2, "scale": scale}
+  calibrated = evaluation.score(predictions, examples, model_names=model_names, data_names=data_names,
+                                calibration=fitted)
+  assert calibrated["calibration"] == fitted and calibrated["uncertainty_calibrated"]["coverage"] == pytest.approx(1.0)
+  assert calibrated["uncertainty"] == results["uncertainty"]  # the raw figures stay
+  assert "Calibrated on the 2 val cases" in evaluation.results_markdown(calibrated, title="t")
 
 
 def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):

@@ -58,6 +58,22 @@ def test_a_gaussian_truth_is_covered_90_percent_and_the_correlation_is_scipys():
   np.testing.assert_allclose(summary["mean_std_mm"], std[5:].mean(axis=0))
 
 
+def test_calibration_scale_restores_the_nominal_coverage_of_a_too_confident_model():
+  rng = np.random.default_rng(1)
+  std = rng.uniform(0.2, 3.0, (20000, 3))
+  fit, check = rng.normal(0.0, 2.5 * std), rng.normal(0.0, 2.5 * std)  # truly 2.5x wider than it says
+  assert np.mean(metrics.inside_ellipsoid(np.zeros(3), std, check)) < 0.3
+  scale = metrics.calibration_scale(np.zeros(3), std, fit)
+  assert scale == pytest.approx(2.5, rel=0.03)
+  assert np.mean(metrics.inside_ellipsoid(np.zeros(3), std * scale, check)) == pytest.approx(0.90, abs=0.01)
+  # by hand: z^2 = (1, 4, 9, 16) -> 9 is the smallest with 75 % at or below it -> c = 3 / sqrt(chi2_3(0.9))
+  points = np.array([[1.0, 0, 0], [2.0, 0, 0], [3.0, 0, 0], [4.0, 0, 0], [np.nan, 0, 0]])
+  assert metrics.calibration_scale(np.zeros(3), np.ones(3), points, level=0.75) == pytest.approx(
+      3 / np.sqrt(metrics.CHI2_3))
+  with pytest.raises(ValueError, match="at least one"):
+    metrics.calibration_scale(np.zeros(3), np.ones(3), np.full((2, 3), np.nan))
+
+
 def _pyramid(batch):
   keys = jax.random.split(jax.random.key(5), 3)
   volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, (8, 16, 32))]
