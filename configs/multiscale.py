@@ -25,20 +25,22 @@ import ml_collections
 
 from configs import default
 
-VARIANTS = ("", "demo", "synthetic_demo")
+VARIANTS = ("", "demo", "afids6", "synthetic_demo")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(repr(v) for v in VARIANTS)})")
   config = default.get_config()
-  if variant in ("demo", "synthetic_demo"):
+  if variant in ("demo", "afids6", "synthetic_demo"):
     config.data.spacings_mm = (8.0, 4.0, 2.0)
     config.data.finest_size = 128
     config.model.patch_size = 24
     config.model.unet.base_channels = 8
     config.train.num_epochs = 15
     config.train.learning_rate = 1e-3
+  if variant == "afids6":
+    config.train.num_epochs = 50
   if variant == "synthetic_demo":
     config.data.source = "synthetic"
     config.data.num_landmarks = 2
