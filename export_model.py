@@ -1,6 +1,6 @@
 """Exports a trained run's best parameters as a small, self-contained model folder for predict.py.
 
-    python export_model.py --config=configs/multiscale.py:demo --workdir=workdirs/demo --out=pretrained/afids6_demo
+    python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 --out=pretrained/afids6
 
 The folder holds `params/` (Orbax, parameters only: no optimiser state) and `model.json` (the config,
 landmark names, training time and hardware, validation and test errors when `evaluate.py` has run).

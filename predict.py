@@ -3,7 +3,7 @@
     python predict.py --workdir=workdirs/demo --image=scan1.nii.gz,scan2.nii.gz --out=predictions/
 
 Uses the run's own config (`<workdir>/config.json`) and its best checkpoint, or an exported model folder
-(export_model.py); without --workdir, the model shipped in pretrained/afids6_demo (see its model.json). Per image, `<name>.mrk.json`
+(export_model.py); without --workdir, the model shipped in pretrained/afids6 (see its model.json). Per image, `<name>.mrk.json`
 (LPS, as 3D Slicer saves; open it over the image) and `<name>.csv` (RAS mm, with per-axis std and the 90 %
 confidence volume when the model has >= 2 scales), and all of them in `predictions.csv`. The output folder
 is replaced as a whole once every prediction is written. Bad input: one line `error: <file>: <problem>`,
@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from locnet_jax import checkpoints, evaluation, io, pipeline, train_lib
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6_demo"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6"
 _WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_MODEL),
                                "A trained run's folder or an exported model folder (default: the shipped model).")
 _IMAGES = flags.DEFINE_list("image", None, "NIfTI images (comma-separated).", required=True)

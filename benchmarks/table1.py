@@ -113,12 +113,40 @@ def _gather(args, rows) -> None:
     per_landmark[name] = r
   lines += ["", "† trained with lax's 3-D convolutions (before `model.unet.conv_impl`); the other rows with the "
             "2-D-slice convolutions, about 4x faster per epoch on this CPU (same function).", ""]
+  lines += _paired_tests(per_landmark)
   lines += _per_landmark_table(per_landmark, raters)
   table = "\n".join(lines) + "\n"
   io.atomic_write(args.root / "table1.md", table)
   if errors:
     figures.save_violin(args.root / "fig4_table1.png", errors)
   print(table)
+
+
+# the paper's findings as pairs (better, worse) of Table-1 rows
+FINDINGS = (("single-scale Loc-Net", "heatmap U-Net", "centre of mass beats heatmap regression"),
+            ("multi-scale, end to end", "single-scale Loc-Net", "multi-scale beats single-scale"),
+            ("multi-scale, end to end", "multi-scale, multi-step", "end to end beats multi-step"),
+            ("multi-scale, end to end + noise", "multi-scale, end to end", "noise injection helps"))
+
+
+def _paired_tests(results: dict) -> list[str]:
+  """Each finding: both rows' errors on the same (case, landmark) pairs, Wilcoxon signed-rank p."""
+  import scipy.stats
+  lines = ["Paper's findings, paired over the same test landmarks (Wilcoxon signed-rank test, two-sided):", "",
+           "| finding | better row mean mm | other row mean mm | better row wins | p | reproduced |",
+           "|---|---|---|---|---|---|"]
+  for better, worse, finding in FINDINGS:
+    if better not in results or worse not in results:
+      continue
+    a, b = (np.array([[np.nan if e is None else e for e in c["error_mm"]] for c in results[n]["per_case"]]).ravel()
+            for n in (better, worse))
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    p = scipy.stats.wilcoxon(a, b).pvalue
+    verdict = "yes" if a.mean() < b.mean() and p < 0.05 else ("no: reversed" if a.mean() > b.mean() and p < 0.05
+                                                               else "not significant")
+    lines.append(f"| {finding} | {a.mean():.2f} | {b.mean():.2f} | {100 * np.mean(a < b):.0f} % | {p:.2g} | {verdict} |")
+  return lines + [""]
 
 
 def _per_landmark_table(results: dict, raters: dict) -> list[str]:

@@ -4,8 +4,8 @@
     python train.py --config=configs/no_noise.py:demo --workdir=workdirs/no_noise_demo
 
 Everything as configs/multiscale.py except `train.noise=False`.
-Time on 2 CPU cores (demo): the recipe's network, about 100 s per epoch of 48 steps (measured for
-configs/multiscale.py:demo). Error: being measured by `python benchmarks/table1.py --variant demo --epochs 10`.
+Measured on 2 CPU cores (demo, 10 epochs, seed 0; `python benchmarks/table1.py --variant demo --epochs 10`):
+about 30 s per epoch, AFIDs test split 0.96 mm (deterministic pass).
 """
 
 import ml_collections
