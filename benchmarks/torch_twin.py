@@ -253,7 +253,7 @@ def main() -> None:
   weights = losses.loss_weights(250, num_epochs=500, num_scales=num_scales)
   batch = {"volumes": volumes, "affines": affines, "target_mm": target}
   optimizer = torch.optim.Adam(twin.parameters(), lr=5e-4)
-  t_target, t_weights = torch.from_numpy(np.asarray(target[0])), torch.from_numpy(np.asarray(weights))
+  t_target, t_weights = torch.from_numpy(np.array(target[0])), torch.from_numpy(np.array(weights))
   t_noise = torch.from_numpy(np.array(jax.random.uniform(key, (NUM_SAMPLES, k, 3), minval=-5.0, maxval=5.0)))
 
   def torch_step():

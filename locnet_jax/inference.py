@@ -24,7 +24,14 @@ def make_predict(model) -> Callable:
   return jax.jit(lambda params, volumes, affines: model.apply({"params": params}, volumes, affines)["pred_mm"])
 
 
-def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_size: int) -> Callable:
+def auto_chunk_size(num_samples: int) -> int:
+  """Noise samples per chunk when none is given: 1 on a CPU backend (smallest working set: 2.1 s against
+  4.1 s for chunks of 10, demo size, benchmarks/model_cost.py), else min(10, N) (a GPU wants a batch, and
+  50 unchunked paper-size samples need 17 GB for 2 landmarks)."""
+  return 1 if jax.default_backend() == "cpu" else min(10, num_samples)
+
+
+def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_size: int | None) -> Callable:
   """Jitted ``(params, volumes, affines, key) -> dict`` of test-time uncertainty.
 
   Returns {"pred_mm": (B, S, K, 3) with the finest scale the mean of the samples, "samples_mm": (B, N, K, 3)
@@ -34,6 +41,8 @@ def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_
   if not isinstance(model, models.MultiScaleLocNet) or model.num_scales < 2:
     raise ValueError("test-time uncertainty needs a multi-scale Loc-Net with >= 2 scales (noise shifts the "
                      "finest crop)")
+  if chunk_size is None or chunk_size == 0:
+    chunk_size = auto_chunk_size(num_samples)
   if num_samples < 1 or chunk_size < 1:
     raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples}, {chunk_size}")
   chunk = min(chunk_size, num_samples)

@@ -82,7 +82,7 @@ def _pyramid(batch):
   return volumes, affines
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 7])
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 7])  # 0: auto
 def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   volumes, affines = _pyramid(batch=2)
   model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
@@ -101,6 +101,11 @@ def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   # and the model's own batched path agrees
   batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
   np.testing.assert_allclose(batched["samples_mm"], loop, atol=1e-4)
+
+
+def test_auto_chunk_size_follows_the_backend():
+  assert inference.auto_chunk_size(50) == (1 if jax.default_backend() == "cpu" else 10)
+  assert inference.auto_chunk_size(3) in (1, 3)
 
 
 def test_uncertainty_needs_two_scales():
