@@ -279,7 +279,8 @@ def test_every_table_1_config_builds_and_runs_one_step(name):
 
 
 def test_multistep_trains_each_scale_in_turn_and_the_paper_schedule_all_at_once():
-  config = multistep.get_config("demo")  # 3 scales, 6 epochs: two epochs per scale, coarse first
+  config = multistep.get_config("demo")  # 3 scales
+  config.train.num_epochs = 6  # two epochs per scale, coarse first
   phases = [train_lib.schedule(config.train, e, num_scales=3) for e in range(6)]
   assert [np.asarray(w).tolist() for w, _ in phases] == [[1, 0, 0]] * 2 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 2
   assert all(np.array_equal(w, t) for w, t in phases)
