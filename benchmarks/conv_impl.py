@@ -11,30 +11,19 @@ the backward). This is the measurement behind `locnet_jax.unet.CONV_IMPLS`' "aut
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
 
 # (batch, edge, C_in, C_out): the demo U-Net (24^3 patches, 8 base channels, 6 landmarks) and the paper's
 # (56^3 patches, 16 base channels, 2 landmarks), one layer per level
 SHAPES = ((6, 24, 8, 8), (6, 12, 16, 16), (6, 6, 32, 32), (2, 56, 1, 16), (2, 56, 16, 16), (2, 28, 32, 32),
           (2, 14, 64, 64))
-
-
-def _median(fn, warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main() -> None:
@@ -68,24 +57,24 @@ def main() -> None:
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, c_in, c_out)) * 0.1
     g = jax.random.normal(jax.random.key(2), (n, edge, edge, edge, c_out))
     gflop = 2 * n * edge ** 3 * 27 * c_in * c_out / 1e9
-    cell = lambda s, k=1: f"{1e3 * s:.1f} ({k * gflop / s:.0f})"  # noqa: E731
+    cell = lambda t, k=1: f"{1e3 * t[0]:.1f} ({k * gflop / t[0]:.0f})"  # (median, min, max) s  # noqa: E731
     fwd, bwd = [], []
     want = lax_conv(x, w)
     for f in impls.values():
       np.testing.assert_allclose(f(x, w), want, atol=1e-3, rtol=1e-4)  # the same function
       jf = jax.jit(f)
       vjp = jax.jit(lambda x, w, g, f=f: (lambda y, back: (y, back(g)))(*jax.vjp(f, x, w)))  # output + both grads
-      fwd.append(cell(_median(lambda: jf(x, w).block_until_ready(), args.warmup, args.repeats)))
-      bwd.append(cell(_median(lambda: jax.block_until_ready(vjp(x, w, g)), args.warmup, args.repeats), 3))
+      fwd.append(cell(timed(lambda: jf(x, w).block_until_ready(), args.warmup, args.repeats)))
+      bwd.append(cell(timed(lambda: jax.block_until_ready(vjp(x, w, g)), args.warmup, args.repeats), 3))
     row = [f"{n}, {edge}, {c_in}->{c_out}", *fwd, *bwd]
     if torch:
       conv = torch.nn.Conv3d(c_in, c_out, 3, padding=1)
       tx = torch.randn(n, c_in, edge, edge, edge).contiguous(memory_format=torch.channels_last_3d)
       with torch.no_grad():
-        row.append(cell(_median(lambda: conv(tx), args.warmup, args.repeats)))
+        row.append(cell(timed(lambda: conv(tx), args.warmup, args.repeats)))
       tx.requires_grad_(True)
       tg = torch.randn(n, c_out, edge, edge, edge)
-      row.append(cell(_median(lambda: torch.autograd.grad(conv(tx), (tx, conv.weight), tg), args.warmup,
+      row.append(cell(timed(lambda: torch.autograd.grad(conv(tx), (tx, conv.weight), tg), args.warmup,
                               args.repeats), 3))
     print("| " + " | ".join(row) + " |", flush=True)
 

@@ -18,9 +18,7 @@ XLA's CPU client uses the machine's cores).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -189,21 +187,11 @@ class TwinMultiScale(torch.nn.Module):
       return torch.cat(out)
 
 
-def _timed(fn, warmup, repeats):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times), max(times)
-
-
 def main() -> None:
   import jax
 
   import model_cost
+  from timing import timed
   from locnet_jax import inference, losses, training
   from locnet_jax.models import MultiScaleLocNet
 
@@ -276,8 +264,8 @@ def main() -> None:
             lambda: jax.block_until_ready(sample(state.params, volumes, affines, key)))
 
   names = ("forward", "training step", f"{NUM_SAMPLES}-pass uncertainty (chunks of {args.chunk})")
-  timed = {impl: [_timed(fn, args.warmup, args.repeats) for fn in jax_workloads(m)] for impl, m in models.items()}
-  timed["torch"] = [_timed(fn, args.warmup, args.repeats) for fn in (
+  measured = {impl: [timed(fn, args.warmup, args.repeats) for fn in jax_workloads(m)] for impl, m in models.items()}
+  measured["torch"] = [timed(fn, args.warmup, args.repeats) for fn in (
       lambda: _no_grad(twin, t_volumes, t_affines, torch.from_numpy(noise[0])), torch_step,
       lambda: twin.uncertainty(t_volumes, t_affines, t_noise, args.chunk))]
   print(f"CPU, {args.threads} threads; jax {jax.__version__}, torch {torch.__version__}; median of {args.repeats} "
@@ -286,8 +274,8 @@ def main() -> None:
         " | ".join(f"JAX {i} / PyTorch" for i in impls) + " |")
   print("|---" * (2 * len(impls) + 2) + "|")
   for w, name in enumerate(names):
-    cells = [f"{timed[i][w][0]:.3f} ({timed[i][w][1]:.3f}-{timed[i][w][2]:.3f})" for i in [*impls, "torch"]]
-    ratios = [f"{timed[i][w][0] / timed['torch'][w][0]:.2f}" for i in impls]
+    cells = [f"{measured[i][w][0]:.3f} ({measured[i][w][1]:.3f}-{measured[i][w][2]:.3f})" for i in [*impls, "torch"]]
+    ratios = [f"{measured[i][w][0] / measured['torch'][w][0]:.2f}" for i in impls]
     print(f"| {name} | " + " | ".join(cells + ratios) + " |")
 
 

@@ -285,6 +285,13 @@ def results_markdown(results: dict, *, title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _load_split(manifest: io.Manifest, split: str, settings, cache: Path) -> list[pipeline.Example]:
+  """The examples of one split, their pyramids cached first (in parallel)."""
+  cases = manifest.split(split)
+  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=train_lib.cpu_workers())
+  return [pipeline.load_example(c, manifest.landmarks, settings, cache, check=False) for c in cases]
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=print) -> Path:
   """Scores the run in `workdir` on `config.eval.split` of `config.data`; returns the output folder."""
   workdir = Path(workdir)
@@ -292,9 +299,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
   manifest = io.load_manifest(train_lib.manifest_path(config.data, seed=config.seed, log=log))
   settings = train_lib.preprocess_settings(config.data)
   cache = Path(config.data.cache_dir) if config.data.cache_dir else manifest.path.parent / ".locnet_cache"
-  cases = manifest.split(config.eval.split)
-  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=train_lib.cpu_workers())
-  examples = [pipeline.load_example(c, manifest.landmarks, settings, cache, check=False) for c in cases]
+  examples = _load_split(manifest, config.eval.split, settings, cache)
   trained = restore(config, workdir, example=examples[0], which=config.eval.checkpoint)
   log(f"evaluating {trained.checkpoint} on {len(examples)} {config.eval.split} cases of {manifest.path}")
   predictions = predict_cases(trained, examples, num_samples=config.eval.num_noise_samples,
@@ -303,9 +308,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
   split = config.eval.calibrate_split
   if (predictions[0]["std_mm"] is not None and split and split != config.eval.split
       and any(c.split == split for c in manifest.cases)):
-    held_out = manifest.split(split)
-    pipeline.prepare_cases(held_out, manifest.landmarks, settings, cache, workers=train_lib.cpu_workers())
-    held_out = [pipeline.load_example(c, manifest.landmarks, settings, cache, check=False) for c in held_out]
+    held_out = _load_split(manifest, split, settings, cache)
     log(f"calibrating the uncertainty on {len(held_out)} {split} cases")
     scale = calibration(predict_cases(trained, held_out, num_samples=config.eval.num_noise_samples,
                                       chunk_size=config.eval.chunk_size, seed=config.seed + 1),
