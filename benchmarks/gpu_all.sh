@@ -1,16 +1,36 @@
 #!/bin/bash
-# The GPU figures of the README's performance section in one short run (about 6-8 minutes on an H100).
-# Device machine: `OUT=<folder> benchmarks/gpu_all.sh` (the device tool's $OUT); results as gpu_*.txt in it.
-# Needs jax with CUDA, flax, optax, orbax, ml_collections (no nibabel: the benchmarks use random volumes).
+# The GPU figures of the README's performance section, as one prepared run on a device machine:
+#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 twin f32 as_2d paper6 input (default: all)
+# Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
+# Every step has its own time limit; all of them take up to ~12 minutes on an H100 (2026-11-26: the f32 step
+# ~100 s, the twin ~80 s, bf16 over 110 s) — pick steps to fit a 15-minute device budget.
+# Needs jax with CUDA, flax, optax, orbax, ml_collections, torch with CUDA (no nibabel: random volumes).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+STEPS=${*:-bf16 twin f32 as_2d paper6 input}
+step() { echo "$(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_device.txt" 2>&1
-for impl in xla as_2d; do  # cuDNN 3-D convolutions vs 2-D slices (auto = xla on GPUs)
-  timeout 240 $PY benchmarks/model_cost.py --size paper --workloads forward,train,uncertainty --conv-impl $impl \
-    --warmup 3 --repeats 10 --chunk 50 >> "$OUT/gpu_model_cost_paper.txt" 2>&1
+run_cost() {  # size, conv impl, dtype, workloads, chunk, timeout
+  step "model_cost $*"
+  timeout "$6" $PY benchmarks/model_cost.py --size "$1" --conv-impl "$2" --dtype "$3" --workloads "$4" \
+    --chunk "$5" --warmup 3 --repeats 10 >> "$OUT/gpu_model_cost.txt" 2>&1
+}
+for s in $STEPS; do
+  case $s in
+    bf16) run_cost paper xla bfloat16 forward,train,uncertainty 50 200 ;;
+    f32) run_cost paper xla float32 forward,train,uncertainty,uncertainty_loop 50 150 ;;
+    as_2d) run_cost paper as_2d float32 forward,train,uncertainty 50 120 ;;
+    paper6) run_cost paper6 xla bfloat16 forward,train,uncertainty 10 150 ;;
+    twin)  # JAX and PyTorch on the same GPU: JAX must not pre-allocate 75 % of its memory
+      step torch_twin
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 $PY benchmarks/torch_twin.py --size paper --device cuda \
+        --conv-impls xla --chunk 50 --warmup 3 --repeats 10 >> "$OUT/gpu_torch_twin.txt" 2>&1 ;;
+    input)
+      step input_size
+      timeout 200 $PY benchmarks/input_size.py --max-run-gb 70 --warmup 2 --repeats 5 >> "$OUT/gpu_input_size.txt" 2>&1 ;;
+    *) echo "unknown step $s" ;;
+  esac
 done
-timeout 200 $PY benchmarks/model_cost.py --size paper6 --workloads forward,train,uncertainty --warmup 3 \
-  --repeats 10 --chunk 10 >> "$OUT/gpu_model_cost_paper.txt" 2>&1
-timeout 300 $PY benchmarks/input_size.py --max-run-gb 70 --warmup 2 --repeats 5 > "$OUT/gpu_input_size.txt" 2>&1
-echo done
+step done

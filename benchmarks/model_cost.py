@@ -11,8 +11,11 @@ each a jitted call, as a Python loop would run them).
 
 Each workload runs in its own process, so its peak resident memory (ru_maxrss) is its own. Times are the
 median (and min-max) of --repeats runs after --warmup runs, each ended with block_until_ready. FLOPs and
-XLA temp memory come from the compiled executable's cost and memory analyses; on a GPU, peak device memory
-from the device's memory statistics. Prints a Markdown table.
+XLA temp memory come from the compiled executable's cost and memory analyses (on a GPU the FLOPs from the
+lowered, pre-optimisation program, as the compiled one leaves cuDNN's convolutions out; jax 0.11.2 gives
+none there, so nan: the count is the CPU row's, the same program); on a GPU, peak device
+memory from the device's memory statistics. --dtype bfloat16 runs the U-Nets' layers in bfloat16
+(`UNet3D.dtype`). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _inputs(spec: dict):
 
 
 def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: int = 10,
-             conv_impl: str = "auto", max_run_gb: float = float("inf")) -> dict:
+             conv_impl: str = "auto", max_run_gb: float = float("inf"), dtype: str = "float32") -> dict:
   import jax
   import numpy as np
   from locnet_jax import inference, losses, training, unet
@@ -70,7 +73,7 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
 
   volumes, affines, target = _inputs(spec)
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
-                           patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl})
+                           patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl, "dtype": dtype})
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1) if len(spec["spacings"]) > 1 else None  # a single scale has no noise injection
@@ -88,17 +91,19 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
     fn = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
     args = (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights)
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  lowered = fn.lower(*args)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  # on a GPU the compiled program's count leaves cuDNN's convolutions out: the lowered one's, else none
+  cost = lowered.cost_analysis() if jax.default_backend() == "gpu" else compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   memory = compiled.memory_analysis()
   need_gb = (getattr(memory, "temp_size_in_bytes", 0) + getattr(memory, "argument_size_in_bytes", 0)) / 1e9
   if need_gb > max_run_gb:  # compiled but not run: XLA's own plan says it does not fit
     return dict(workload=workload, compile_s=compile_s, gflop=float(cost.get("flops", float("nan"))) / 1e9,
                 temp_gb=getattr(memory, "temp_size_in_bytes", float("nan")) / 1e9, skipped=True,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), device=jax.devices()[0].device_kind,
-                jax=jax.__version__, repeats=0, conv_impl=unet.resolve_conv_impl(conv_impl))
+                jax=jax.__version__, repeats=0, conv_impl=unet.resolve_conv_impl(conv_impl), dtype=dtype)
   times = []
   keys = jax.random.split(key, calls) if calls > 1 else None
   for i in range(warmup + repeats):
@@ -125,15 +130,16 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
               params=sum(x.size for x in jax.tree.leaves(state.params)),
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats,
               max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size,
-              conv_impl=unet.resolve_conv_impl(conv_impl))
+              conv_impl=unet.resolve_conv_impl(conv_impl), dtype=dtype)
 
 
 def measure_in_subprocess(workload: str, spec: dict, *, warmup: int, repeats: int, chunk: int = 10,
-                          conv_impl: str = "auto", max_run_gb: float = float("inf")) -> dict | str:
+                          conv_impl: str = "auto", max_run_gb: float = float("inf"),
+                          dtype: str = "float32") -> dict | str:
   """`_measure` in a fresh process (its own peak memory); the row dict, or the error's last line."""
   done = subprocess.run([sys.executable, __file__, "--one", workload, "--spec-json", json.dumps(spec),
                          "--warmup", str(warmup), "--repeats", str(repeats), "--chunk", str(chunk),
-                         "--conv-impl", conv_impl, "--max-run-gb", str(max_run_gb)],
+                         "--conv-impl", conv_impl, "--max-run-gb", str(max_run_gb), "--dtype", dtype],
                         capture_output=True, text=True)
   if done.returncode:
     return (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:160]
@@ -149,34 +155,35 @@ def main() -> None:
   parser.add_argument("--chunk", type=int, default=10, help="noise samples per chunk of the uncertainty call")
   parser.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "as_2d"),
                       help="how the U-Nets compute 3-D convolutions (locnet_jax.unet.CONV_IMPLS)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype of the U-Nets (locnet_jax.unet.DTYPES)")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one workload, print JSON
   parser.add_argument("--spec-json", help=argparse.SUPPRESS)  # internal: the size spec of --one
   parser.add_argument("--max-run-gb", type=float, default=float("inf"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     print(json.dumps(_measure(args.one, json.loads(args.spec_json), args.warmup, args.repeats, args.chunk,
-                              args.conv_impl, args.max_run_gb)))
+                              args.conv_impl, args.max_run_gb, args.dtype)))
     return
   rows = []
-  for workload in args.workloads.split(","):
+  for workload in args.workloads.split(","):  # each row printed as soon as it is measured (a timeout keeps them)
     row = measure_in_subprocess(workload, SIZES[args.size], warmup=args.warmup, repeats=args.repeats,
-                                chunk=args.chunk, conv_impl=args.conv_impl)
+                                chunk=args.chunk, conv_impl=args.conv_impl, dtype=args.dtype)
     if isinstance(row, str):  # e.g. out of device memory: a finding, reported as a row
-      print(f"| {workload} | failed: {row} |")
+      print(f"| {workload} | failed: {row} |", flush=True)
       continue
+    if not rows:
+      print(f"size={args.size} {SIZES[args.size]}  params={row['params']:,}  device={row['device']}  "
+            f"conv={row['conv_impl']}  dtype={row['dtype']}  jax={row['jax']}  median of {row['repeats']} after "
+            f"{args.warmup} warm-up runs")
+      print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | "
+            "peak device GB |")
+      print("|---|---|---|---|---|---|---|---|")
     rows.append(row)
-  if not rows:
-    return
-  r0 = rows[0]
-  print(f"size={args.size} {SIZES[args.size]}  params={r0['params']:,}  device={r0['device']}  "
-        f"conv={r0['conv_impl']}  jax={r0['jax']}  median of {r0['repeats']} after {args.warmup} warm-up runs")
-  print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | peak device GB |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
     ms = lambda x: f"{1e3 * x:.1f}" if x < 1 else f"{1e3 * x:.0f}"  # noqa: E731
-    print(f"| {r['workload']} | {r['compile_s']:.1f} | {ms(r['median_s'])} ({ms(r['min_s'])}-{ms(r['max_s'])}) "
-          f"| {r['gflop']:.1f} | {r['gflops_per_s']:.1f} | {r['temp_gb']:.2f} | {r['peak_rss_gb']:.2f} "
-          f"| {r['peak_device_gb']:.2f} |")
+    print(f"| {row['workload']} | {row['compile_s']:.1f} | {ms(row['median_s'])} ({ms(row['min_s'])}-"
+          f"{ms(row['max_s'])}) | {row['gflop']:.1f} | {row['gflops_per_s']:.1f} | {row['temp_gb']:.2f} | "
+          f"{row['peak_rss_gb']:.2f} | {row['peak_device_gb']:.2f} |", flush=True)
   by_name = {r["workload"]: r for r in rows}
   if "uncertainty" in by_name and "uncertainty_loop" in by_name:
     print(f"batched {NUM_SAMPLES}-pass uncertainty (chunks of {args.chunk}) is "

@@ -3,6 +3,7 @@
     pip install torch==2.13.0          # the CPU wheel; never a dependency of the library
     python benchmarks/torch_twin.py --size demo --check-only    # equal outputs for equal weights
     python benchmarks/torch_twin.py --size demo                 # + forward, training step, 50-pass timings
+    python benchmarks/torch_twin.py --size paper --device cuda --conv-impls xla --chunk 50   # both on a GPU
 
 The twin copies our parameters (Flax kernels (kx, ky, kz, in, out) -> Conv3d (out, in, kx, ky, kz)) and
 mirrors our layers: U-Net blocks conv -> instance norm (eps 1e-6, learned scale and bias) -> ReLU, 2x
@@ -12,7 +13,9 @@ centres at integer indices, nearest edge value outside, like our `ops.crop_patch
 between scales in world mm through each level's affine; the 50 noise passes as one call with the coarse
 scales once and the finest scale in chunks. Noise is drawn with JAX and handed to both, so the outputs
 can be compared. Times: median of --repeats after --warmup, 2 threads for both (torch.set_num_threads,
-XLA's CPU client uses the machine's cores).
+XLA's CPU client uses the machine's cores). With --device cuda the twin runs on the GPU beside JAX (set
+XLA_PYTHON_CLIENT_PREALLOCATE=false so that JAX leaves it memory), cuDNN's autotuning on, each timed call
+ended with torch.cuda.synchronize; both frameworks use their default float32 convolution precision.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ class TwinUNet(torch.nn.Module):
 def center_of_mass(h):
   """(N, X, Y, Z) heatmaps -> (N, 3) voxel coordinates: ReLU weights, softmax where all are zero."""
   n, shape = h.shape[0], h.shape[1:]
-  grids = torch.meshgrid(*[torch.arange(s, dtype=h.dtype) for s in shape], indexing="ij")
+  grids = torch.meshgrid(*[torch.arange(s, dtype=h.dtype, device=h.device) for s in shape], indexing="ij")
   w = F.relu(h).reshape(n, -1)
   total = w.sum(-1, keepdim=True)
   soft = torch.softmax(h.reshape(n, -1), -1)
@@ -120,8 +123,8 @@ def center_of_mass(h):
 
 def crop(volume, center_vox, patch):
   """volume (X, Y, Z), centres (M, 3) voxels -> (M, n, n, n) patches, trilinear, nearest edge outside."""
-  size = torch.tensor(volume.shape, dtype=volume.dtype)
-  offsets = torch.arange(patch, dtype=volume.dtype) - (patch - 1) / 2
+  size = torch.tensor(volume.shape, dtype=volume.dtype, device=volume.device)
+  offsets = torch.arange(patch, dtype=volume.dtype, device=volume.device) - (patch - 1) / 2
   grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1)  # (n, n, n, 3) in (x, y, z)
   points = center_vox[:, None, None, None, :] + grid  # (M, n, n, n, 3) voxel (x, y, z)
   normalized = 2 * points / (size - 1) - 1
@@ -157,8 +160,8 @@ class TwinMultiScale(torch.nn.Module):
     center_vox = to_vox(center_mm, affine)
     patches = crop(volume, center_vox, self.patch)
     heat = self.nets[s](patches[:, None])  # (M*K, K, n, n, n)
-    channel = torch.arange(center_mm.shape[0]) % self.k
-    heat = heat[torch.arange(center_mm.shape[0]), channel]
+    rows = torch.arange(center_mm.shape[0], device=center_mm.device)
+    heat = heat[rows, rows % self.k]
     vox = center_vox + center_of_mass(heat) - (self.patch - 1) / 2
     return to_mm(vox, affine)
 
@@ -201,6 +204,7 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--chunk", type=int, default=10)
   parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--device", default="cpu", help="PyTorch device: cpu, or cuda beside JAX on a GPU")
   parser.add_argument("--check-only", action="store_true")
   parser.add_argument("--conv-impls", default="as_2d,xla",
                       help="JAX convolution implementations to compare (locnet_jax.unet.CONV_IMPLS), comma-separated")
@@ -218,15 +222,21 @@ def main() -> None:
   twin = TwinMultiScale(num_landmarks=k, num_scales=num_scales, patch=spec["patch"],
                         unet=dict(depth=spec["unet"]["depth"], base_channels=spec["unet"]["base_channels"]))
   twin.load_flax(jax.device_get(state.params))
-  t_volumes = [torch.from_numpy(np.array(v[0])) for v in volumes]
-  t_affines = [torch.from_numpy(np.array(a[0])) for a in affines]
+  device = torch.device(args.device)
+  twin.to(device)
+  torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest kernels (as XLA autotunes on GPUs)
+
+  def to_torch(x):
+    return torch.from_numpy(np.array(x)).to(device)
+  t_volumes = [to_torch(v[0]) for v in volumes]
+  t_affines = [to_torch(a[0]) for a in affines]
 
   # equal outputs for equal weights: deterministic, then with the same noise, for every JAX convolution
   key = jax.random.key(1)
   noise = np.array(jax.random.uniform(key, (1, k, 3), minval=-5.0, maxval=5.0))
   with torch.no_grad():
-    theirs = twin(t_volumes, t_affines).numpy()
-    theirs_noisy = twin(t_volumes, t_affines, torch.from_numpy(noise[0])).numpy()
+    theirs = twin(t_volumes, t_affines).cpu().numpy()
+    theirs_noisy = twin(t_volumes, t_affines, to_torch(noise[0])).cpu().numpy()
   worst = 0.0
   for impl, m in models.items():
     ours = np.asarray(m.apply({"params": state.params}, volumes, affines)["pred_mm"][0])
@@ -241,12 +251,15 @@ def main() -> None:
   weights = losses.loss_weights(250, num_epochs=500, num_scales=num_scales)
   batch = {"volumes": volumes, "affines": affines, "target_mm": target}
   optimizer = torch.optim.Adam(twin.parameters(), lr=5e-4)
-  t_target, t_weights = torch.from_numpy(np.array(target[0])), torch.from_numpy(np.array(weights))
-  t_noise = torch.from_numpy(np.array(jax.random.uniform(key, (NUM_SAMPLES, k, 3), minval=-5.0, maxval=5.0)))
+  t_target, t_weights = to_torch(target[0]), to_torch(weights)
+  t_noise = to_torch(jax.random.uniform(key, (NUM_SAMPLES, k, 3), minval=-5.0, maxval=5.0))
+
+  def synced(fn):  # CUDA runs asynchronously: a timed call ends when the device is done
+    return (lambda: (fn(), torch.cuda.synchronize())) if device.type == "cuda" else fn
 
   def torch_step():
     optimizer.zero_grad()
-    pred = twin(t_volumes, t_affines, torch.from_numpy(noise[0]))
+    pred = twin(t_volumes, t_affines, to_torch(noise[0]))
     loss = (t_weights * ((pred - t_target[None]) ** 2).sum(-1).mean(-1)).sum()
     loss.backward()
     optimizer.step()
@@ -265,10 +278,12 @@ def main() -> None:
 
   names = ("forward", "training step", f"{NUM_SAMPLES}-pass uncertainty (chunks of {args.chunk})")
   measured = {impl: [timed(fn, args.warmup, args.repeats) for fn in jax_workloads(m)] for impl, m in models.items()}
-  measured["torch"] = [timed(fn, args.warmup, args.repeats) for fn in (
-      lambda: _no_grad(twin, t_volumes, t_affines, torch.from_numpy(noise[0])), torch_step,
+  measured["torch"] = [timed(synced(fn), args.warmup, args.repeats) for fn in (
+      lambda: _no_grad(twin, t_volumes, t_affines, to_torch(noise[0])), torch_step,
       lambda: twin.uncertainty(t_volumes, t_affines, t_noise, args.chunk))]
-  print(f"CPU, {args.threads} threads; jax {jax.__version__}, torch {torch.__version__}; median of {args.repeats} "
+  where = (f"{torch.cuda.get_device_name(device)} ({jax.devices()[0].device_kind} for JAX)" if device.type == "cuda"
+           else f"CPU, {args.threads} threads")
+  print(f"{where}; jax {jax.__version__}, torch {torch.__version__}; median of {args.repeats} "
         f"after {args.warmup} warm-up, seconds (min-max)")
   print("| workload | " + " | ".join(f"JAX conv={i}" for i in impls) + " | PyTorch | " +
         " | ".join(f"JAX {i} / PyTorch" for i in impls) + " |")

@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "auto" (2-D-slice convolutions on CPU, lax's 3-D ones elsewhere), "xla" or "as_2d": speed only,
   # same parameters and function (see locnet_jax/unet.py and benchmarks/conv_impl.py)
   unet.conv_impl = "auto"
+  # compute dtype, "float32" or "bfloat16" (GPU tensor cores; parameters and heatmaps stay float32).
+  # bfloat16 on XLA:CPU is slower than float32; measured on GPU in README "Performance"
+  unet.dtype = "float32"
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)
@@ -69,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
   train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
+  # where augmentation runs: "host" (the loader's workers, scipy; elastic possible), "device" (in JAX on the
+  # accelerator, locnet_jax/device_augment.py: a GPU fed at paper size), "auto" (host on CPUs, else device)
+  train.augment_on = "auto"
   # batch_size is global: split over the local devices that divide it (data parallel, parameters
   # replicated); True: jax.distributed.initialize() first, for several hosts (cluster from the environment)
   train.distributed = False

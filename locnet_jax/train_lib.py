@@ -5,17 +5,19 @@ Library code below this module takes explicit arguments; this is where the confi
 A run's folder (``--workdir``) holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
 ``tensorboard/`` event files and ``checkpoints/{latest,best}`` (locnet_jax/checkpoints.py). Running the
 same command again resumes from the latest checkpoint and continues exactly as if never stopped: the
-data order and augmentation derive from (seed, epoch, case), the noise key from (seed, step), and the
+data order and host augmentation derive from (seed, epoch, case), the noise key and device augmentation
+(`train.augment_on`) from (seed, step), and the
 state (parameters, Adam moments, step) is restored bit for bit. A workdir refuses a config that differs
 from the one it was started with (except `RESUME_FREE` fields, which do not change the results).
 
 Data: synthetic cases in memory, a DATA_FORMAT.md data set (preprocessed once into the pyramid cache,
-augmented by background workers), or the AFIDs benchmark (built on first use).
+augmented by background workers or on the device), or the AFIDs benchmark (built on first use).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -28,12 +30,13 @@ import numpy as np
 
 from locnet_jax import augment as augment_lib
 from locnet_jax import checkpoints as checkpoints_lib
-from locnet_jax import inference, io, losses, parallel, pipeline, reporting, synthetic, training
+from locnet_jax import device_augment, inference, io, losses, parallel, pipeline, reporting, synthetic, training
 from locnet_jax.datasets import afids
 from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
 SCHEDULES = ("paper", "multistep")
+AUGMENT_ON = ("auto", "host", "device")  # where training augmentation runs; "auto": host on CPUs, else device
 RESUME_FREE = ("train.loader_workers", "data.cache_dir", "model.unet.conv_impl")  # may change between a run and its resumption
 
 
@@ -74,6 +77,15 @@ def schedule(train_config: ml_collections.ConfigDict, epoch: int, *, num_scales:
       raise ConfigError(f"train.schedule='multistep': {e}") from None
     return onehot, onehot
   raise ConfigError(f"unsupported train.schedule {train_config.schedule!r}; supported: {SCHEDULES}")
+
+
+def resolve_augment_on(value: str) -> str:
+  """"auto" -> "host" (the loader's worker processes) when JAX's default backend is the CPU, else "device"."""
+  if value not in AUGMENT_ON:
+    raise ConfigError(f"unsupported train.augment_on {value!r}; supported: {AUGMENT_ON}")
+  if value == "auto":
+    return "host" if jax.default_backend() == "cpu" else "device"
+  return value
 
 
 def make_train_step(config: ml_collections.ConfigDict):
@@ -186,6 +198,7 @@ def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None
                       "finest crop); set --config.train.noise=False")
   if config.train.batch_size < 1 or config.train.num_epochs < 1:
     raise ConfigError("train.batch_size and train.num_epochs must be >= 1")
+  resolve_augment_on(config.train.augment_on)
 
 
 def _summary(meta: dict, checkpoints: checkpoints_lib.Checkpoints) -> dict[str, Any]:
@@ -250,7 +263,11 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   best_error = meta["best_val_error_mm"] if meta else float("inf")
   best_epoch = meta["best_epoch"] if meta else None
   augment = augment_lib.AugmentSettings() if (config.train.augment and data.from_files) else None
-  loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=augment,
+  on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
+  augment_fn = jax.jit(functools.partial(device_augment.augment_batch, settings=augment)) if on_device else None
+  augment_root = jax.random.fold_in(root, 2)
+  loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed,
+                           augment=None if on_device else augment,
                            workers=config.train.loader_workers if data.from_files else 0)
   progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=loader.steps_per_epoch(),
                                 first_epoch=first_epoch)
@@ -275,7 +292,10 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       pending = None
       for index, batch in enumerate(loader.epoch(epoch)):
         key = jax.random.fold_in(noise_root, step) if config.train.noise else None
-        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), key, weights, trainable)
+        batch = parallel.shard_batch(batch, mesh)
+        if augment_fn is not None:  # on the device, keyed by the step: a resumed run replays it
+          batch = augment_fn(batch, jax.random.fold_in(augment_root, step))
+        state, metrics = step_fn(state, batch, key, weights, trainable)
         step += 1
         if pending is not None:
           consume(*pending)

@@ -32,6 +32,9 @@ UPSAMPLES = ("nearest", "linear", "transpose")
 # "as_2d" = `ops.conv3d_as_2d`, a 2-D convolution over x-slices, several times faster on XLA:CPU;
 # "auto" = "as_2d" when JAX's default backend is the CPU, else "xla" (cuDNN's 3-D kernels on GPU).
 CONV_IMPLS = ("auto", "xla", "as_2d")
+# Compute dtype of the convolutions, norms and activations (parameters stay float32; the heatmap head and
+# its output are float32 so the centre of mass is not rounded): "bfloat16" is for GPUs' tensor cores.
+DTYPES = ("float32", "bfloat16")
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -74,7 +77,9 @@ class UNet3D(nn.Module):
   (one per input): the same function, and it avoids XLA:CPU's huge scratch buffers for convolutions over
   concatenations at large sizes. The last layer is a 1x1x1 convolution to `out_channels` (no activation),
   its bias initialised to `head_bias_init`. `conv_impl` picks how the 3-D convolutions are computed
-  (`CONV_IMPLS`); it changes speed only, not the parameters or the function.
+  (`CONV_IMPLS`); it changes speed only, not the parameters or the function. `dtype` is the compute dtype
+  of every layer but the head (`DTYPES`); the parameters are float32 whatever it is, so a model trained in
+  one dtype runs in the other.
   """
 
   out_channels: int
@@ -90,6 +95,7 @@ class UNet3D(nn.Module):
   upsample: str = "nearest"
   head_bias_init: float = 0.0
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   def __post_init__(self):
     _positive_int("out_channels", self.out_channels)
@@ -104,6 +110,7 @@ class UNet3D(nn.Module):
     _choice("downsample", self.downsample, DOWNSAMPLES)
     _choice("upsample", self.upsample, UPSAMPLES)
     _choice("conv_impl", self.conv_impl, CONV_IMPLS)
+    _choice("dtype", self.dtype, DTYPES)
     if self.norm == "group":
       _positive_int("norm_groups", self.norm_groups)
       for c in self.level_channels:
@@ -128,15 +135,15 @@ class UNet3D(nn.Module):
 
   def _norm(self, x: jax.Array, name: str) -> jax.Array:
     if self.norm == "group":
-      return nn.GroupNorm(num_groups=self.norm_groups, name=name)(x)
+      return nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype, name=name)(x)
     if self.norm == "instance":
-      return nn.GroupNorm(num_groups=None, group_size=1, name=name)(x)
+      return nn.GroupNorm(num_groups=None, group_size=1, dtype=self.dtype, name=name)(x)
     return x
 
   def _conv(self, features: int, name: str, use_bias: bool = True) -> nn.Conv:
     as_2d = resolve_conv_impl(self.conv_impl) == "as_2d"
     return nn.Conv(features, (self.kernel_size,) * 3, padding="SAME", use_bias=use_bias, name=name,
-                   conv_general_dilated=ops.conv_general_dilated_as_2d if as_2d else None)
+                   dtype=self.dtype, conv_general_dilated=ops.conv_general_dilated_as_2d if as_2d else None)
 
   def _block(self, x: jax.Array, features: int, level: str, first: jax.Array | None = None) -> jax.Array:
     act = ACTIVATIONS[self.activation]
@@ -151,6 +158,7 @@ class UNet3D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     self.check_input_shape(x.shape)
+    x = x.astype(self.dtype)
     channels = self.level_channels
     skips = []
     for level in range(self.depth):
@@ -160,10 +168,10 @@ class UNet3D(nn.Module):
     x = self._block(x, channels[self.depth], "bottom")
     for level in reversed(range(self.depth)):
       if self.upsample == "transpose":
-        x = nn.ConvTranspose(channels[level], (2, 2, 2), strides=(2, 2, 2), name=f"up{level}")(x)
+        x = nn.ConvTranspose(channels[level], (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype, name=f"up{level}")(x)
       else:
         x = _upsample_fixed(x, self.upsample)
       first = self._conv(channels[level], f"dec{level}_conv0")(x)
       x = self._block(skips[level], channels[level], f"dec{level}", first=first)
-    return nn.Conv(self.out_channels, (1, 1, 1), name="head",
-                   bias_init=nn.initializers.constant(self.head_bias_init))(x)
+    return nn.Conv(self.out_channels, (1, 1, 1), name="head", dtype=jnp.float32,
+                   bias_init=nn.initializers.constant(self.head_bias_init))(x.astype(jnp.float32))

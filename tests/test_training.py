@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import multiscale
 from locnet_jax import losses, pipeline, synthetic, train_lib, training
@@ -146,3 +147,35 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "none.json: no such file" in result.stderr
+
+
+def test_device_augmentation_replaces_the_workers_and_a_resumed_run_replays_it(tmp_path, monkeypatch):
+  import shutil
+
+  from locnet_jax import augment
+  manifest = _tiny_dataset(tmp_path / "data")
+  config = _tiny_file_config(manifest, tmp_path / "cache")
+  config.train.loader_workers = 0  # inline: the host augmentation below would run in this process
+  plain = config.copy_and_resolve_references()
+  plain.train.augment = False
+  config.train.augment_on = "device"
+  monkeypatch.setattr(augment, "augment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host augment")))
+  whole = train_lib.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
+  unaugmented = train_lib.train_and_evaluate(plain, tmp_path / "plain", log=lambda *_: None)
+  assert whole["train_loss"] != unaugmented["train_loss"]  # the device did augment
+  # the same run, as if stopped after its first epoch: it resumes at step 3 and ends bit for bit the same
+  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+  for kind in ("latest", "best"):
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / kind / "2", ignore_errors=True)
+  log = []
+  resumed = train_lib.train_and_evaluate(config, tmp_path / "resumed", log=log.append)
+  assert any("resuming from" in line and "(epoch 1, step 3)" in line for line in log), log
+  assert resumed["train_loss"] == whole["train_loss"] and resumed["val_error_mm"] == whole["val_error_mm"]
+
+
+def test_a_bad_augment_on_is_a_config_error(tmp_path):
+  config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
+  config.train.augment_on = "gpu"
+  with pytest.raises(train_lib.ConfigError, match=r"train.augment_on 'gpu'; supported: .*'device'"):
+    train_lib.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
+  assert train_lib.resolve_augment_on("auto") == ("host" if jax.default_backend() == "cpu" else "device")
