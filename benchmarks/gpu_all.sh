@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU figures of the README's performance section, as one prepared run on a device machine:
-#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 twin f32 as_2d paper6 input (default: all)
+#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 twin f32 as_2d paper6 input (default: all)
 # Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
 # Every step has its own time limit; all of them take up to ~12 minutes on an H100 (2026-11-26: the f32 step
 # ~100 s, the twin ~80 s, bf16 over 110 s) — pick steps to fit a 15-minute device budget.
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
-STEPS=${*:-bf16 twin f32 as_2d paper6 input}
+STEPS=${*:-bf16 tf32 twin f32 as_2d paper6 input}
 step() { echo "$(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_device.txt" 2>&1
 run_cost() {  # size, conv impl, dtype, workloads, chunk, timeout
@@ -20,6 +20,7 @@ run_cost() {  # size, conv impl, dtype, workloads, chunk, timeout
 for s in $STEPS; do
   case $s in
     bf16) run_cost paper xla bfloat16 forward,train,uncertainty 50 200 ;;
+    tf32) JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 run_cost paper xla float32 forward,train,uncertainty 50 200 ;;
     f32) run_cost paper xla float32 forward,train,uncertainty,uncertainty_loop 50 150 ;;
     as_2d) run_cost paper as_2d float32 forward,train,uncertainty 50 120 ;;
     paper6) run_cost paper6 xla bfloat16 forward,train,uncertainty 10 150 ;;

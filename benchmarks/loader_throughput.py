@@ -4,19 +4,25 @@
 
 Uses the AFIDs T1w template (../shared or the wheel) as the image. "demo" = 3 levels 8/4/2 mm over
 256 mm (128^3 finest); "paper" = 4 levels 4/2/1/0.5 mm, 448^3 finest. The loader runs with default
-augmentation, inline (0 workers) and with 1 and 2 background processes; the rate counts every volume
-of the second epoch (the first one starts the worker processes). Workers read the cache themselves and hand the
-volumes back through shared memory.
+augmentation, inline (0 workers) and with 1 and 2 background processes, and without augmentation (what it
+still does when `train.augment_on` is "device": read the cache, collate); the rate counts every volume
+of the second epoch (the first one starts the worker processes). Last row per size: the on-device
+augmentation (`device_augment.augment_batch`, jitted, batch of 1) on JAX's default device, as volumes/s.
+Workers read the cache themselves and hand the volumes back through shared memory.
 """
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from locnet_jax import augment, pipeline  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax  # noqa: E402
+from timing import timed  # noqa: E402
+from locnet_jax import augment, device_augment, pipeline  # noqa: E402
 from locnet_jax.datasets import afids  # noqa: E402
 
 SIZES = {"demo": dict(spacings_mm=(8.0, 4.0, 2.0), finest_size=128),
@@ -32,8 +38,8 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     image = Path(tmp) / "t1w.nii.gz"
     image.write_bytes(files["T1w"])
-    print("| size | cache miss s | cache hit s | workers | augmented volumes/s |")
-    print("|---|---|---|---|---|")
+    print("| size | cache miss s | cache hit s | augmentation | loader workers | volumes/s |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
       settings = pipeline.PreprocessSettings(**SIZES[size], intensity="mr")
       cache = Path(tmp) / f"cache-{size}"
@@ -46,16 +52,22 @@ def main():
       del pyramid
       case = pipeline.io.Case("t1w", image, None, "train")
       sources = [pipeline.CachedCase(case, ("AC", "PC"), settings, cache)] * args.batches
-      for workers in (0, 1, 2):
-        with pipeline.Loader(sources, batch_size=1, seed=0, augment=augment.AugmentSettings(),
+      for where, workers in [("host", 0), ("host", 1), ("host", 2), ("none (device mode)", 0),
+                             ("none (device mode)", 1)]:
+        settings_or_none = augment.AugmentSettings() if where == "host" else None
+        with pipeline.Loader(sources, batch_size=1, seed=0, augment=settings_or_none,
                              workers=workers, prefetch=2) as loader:
           for _ in loader.epoch(0):  # warm-up epoch: starts the worker processes
             pass
           t0 = time.perf_counter()
           count = sum(1 for _ in loader.epoch(1))
           rate = count / (time.perf_counter() - t0)
-        print(f"| {size} | {miss:.2f} | {hit:.2f} | {workers} | {rate:.2f} |", flush=True)
-
+        print(f"| {size} | {miss:.2f} | {hit:.2f} | {where} | {workers} | {rate:.2f} |", flush=True)
+      batch = jax.device_put(pipeline.collate([sources[0]()]))
+      fn = jax.jit(functools.partial(device_augment.augment_batch, settings=augment.AugmentSettings()))
+      median, _, _ = timed(lambda: jax.block_until_ready(fn(batch, jax.random.key(0))), 1, 3)
+      print(f"| {size} | {miss:.2f} | {hit:.2f} | device ({jax.devices()[0].device_kind}; median of 3) | - | "
+            f"{1 / median:.2f} |", flush=True)
 
 if __name__ == "__main__":
   main()

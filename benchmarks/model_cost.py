@@ -15,7 +15,8 @@ XLA temp memory come from the compiled executable's cost and memory analyses (on
 lowered, pre-optimisation program, as the compiled one leaves cuDNN's convolutions out; jax 0.11.2 gives
 none there, so nan: the count is the CPU row's, the same program); on a GPU, peak device
 memory from the device's memory statistics. --dtype bfloat16 runs the U-Nets' layers in bfloat16
-(`UNet3D.dtype`). Prints a Markdown table.
+(`UNet3D.dtype`); JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 in the environment lets float32 convolutions use
+TF32 tensor cores on a GPU (the header's precision). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
               params=sum(x.size for x in jax.tree.leaves(state.params)),
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats,
               max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size,
-              conv_impl=unet.resolve_conv_impl(conv_impl), dtype=dtype)
+              conv_impl=unet.resolve_conv_impl(conv_impl), dtype=dtype,
+              precision=jax.config.jax_default_matmul_precision or "default")
 
 
 def measure_in_subprocess(workload: str, spec: dict, *, warmup: int, repeats: int, chunk: int = 10,
@@ -174,7 +176,7 @@ def main() -> None:
       continue
     if not rows:
       print(f"size={args.size} {SIZES[args.size]}  params={row['params']:,}  device={row['device']}  "
-            f"conv={row['conv_impl']}  dtype={row['dtype']}  jax={row['jax']}  median of {row['repeats']} after "
+            f"conv={row['conv_impl']}  dtype={row['dtype']}  precision={row['precision']}  jax={row['jax']}  median of {row['repeats']} after "
             f"{args.warmup} warm-up runs")
       print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | "
             "peak device GB |")

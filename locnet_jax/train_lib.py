@@ -30,7 +30,7 @@ import numpy as np
 
 from locnet_jax import augment as augment_lib
 from locnet_jax import checkpoints as checkpoints_lib
-from locnet_jax import device_augment, inference, io, losses, parallel, pipeline, reporting, synthetic, training
+from locnet_jax import device_augment, inference, io, losses, parallel, pipeline, reporting, resident, synthetic, training
 from locnet_jax.datasets import afids
 from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
@@ -198,7 +198,12 @@ def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None
                       "finest crop); set --config.train.noise=False")
   if config.train.batch_size < 1 or config.train.num_epochs < 1:
     raise ConfigError("train.batch_size and train.num_epochs must be >= 1")
-  resolve_augment_on(config.train.augment_on)
+  on_host = resolve_augment_on(config.train.augment_on) == "host"
+  if config.train.data_on_device and config.train.distributed:
+    raise ConfigError("train.data_on_device=True runs in a single process; set train.distributed=False")
+  if config.train.data_on_device and config.train.augment and on_host and config.data.source != "synthetic":
+    raise ConfigError("train.data_on_device=True keeps the training set on the device, where the host's "
+                      "augmentation cannot reach it: set --config.train.augment_on=device (or augment=False)")
 
 
 def _summary(meta: dict, checkpoints: checkpoints_lib.Checkpoints) -> dict[str, Any]:
@@ -266,9 +271,14 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
   augment_fn = jax.jit(functools.partial(device_augment.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)
-  loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed,
-                           augment=None if on_device else augment,
-                           workers=config.train.loader_workers if data.from_files else 0)
+  if config.train.data_on_device:
+    loader = resident.ResidentData(data.train, batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
+                                   storage_dtype="float16" if data.from_files else "float32")
+    log(f"training set on the device: {loader.nbytes / 1e9:.2f} GB")
+  else:
+    loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed,
+                             augment=None if on_device else augment,
+                             workers=config.train.loader_workers if data.from_files else 0)
   progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=loader.steps_per_epoch(),
                                 first_epoch=first_epoch)
   with loader, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
@@ -292,7 +302,8 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       pending = None
       for index, batch in enumerate(loader.epoch(epoch)):
         key = jax.random.fold_in(noise_root, step) if config.train.noise else None
-        batch = parallel.shard_batch(batch, mesh)
+        if not config.train.data_on_device:  # resident batches are already on the mesh
+          batch = parallel.shard_batch(batch, mesh)
         if augment_fn is not None:  # on the device, keyed by the step: a resumed run replays it
           batch = augment_fn(batch, jax.random.fold_in(augment_root, step))
         state, metrics = step_fn(state, batch, key, weights, trainable)

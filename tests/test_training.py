@@ -179,3 +179,17 @@ def test_a_bad_augment_on_is_a_config_error(tmp_path):
   with pytest.raises(train_lib.ConfigError, match=r"train.augment_on 'gpu'; supported: .*'device'"):
     train_lib.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
   assert train_lib.resolve_augment_on("auto") == ("host" if jax.default_backend() == "cpu" else "device")
+
+
+def test_a_training_set_on_the_device_trains_exactly_as_the_loader(tmp_path):
+  config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
+  config.train.augment_on, config.train.loader_workers = "device", 0
+  loaded = train_lib.train_and_evaluate(config, tmp_path / "loaded", log=lambda *_: None)
+  config.train.data_on_device = True
+  log = []
+  resident = train_lib.train_and_evaluate(config, tmp_path / "resident", log=log.append)
+  assert any(line.startswith("training set on the device: ") for line in log), log
+  assert resident["train_loss"] == loaded["train_loss"] and resident["val_error_mm"] == loaded["val_error_mm"]
+  config.train.augment_on = "host"
+  with pytest.raises(train_lib.ConfigError, match="data_on_device=True .*augment_on=device"):
+    train_lib.train_and_evaluate(config, tmp_path / "refused", log=lambda *_: None)
