@@ -1,15 +1,16 @@
 #!/bin/bash
 # The GPU figures of the README's performance section, as one prepared run on a device machine:
-#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 twin f32 as_2d paper6 input (default: all)
+#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 feed twin f32 as_2d paper6 input (default: all)
 # Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
 # Every step has its own time limit; all of them take up to ~12 minutes on an H100 (2026-11-26: the f32 step
 # ~100 s, the twin ~80 s, bf16 over 110 s) — pick steps to fit a 15-minute device budget.
-# Needs jax with CUDA, flax, optax, orbax, ml_collections, torch with CUDA (no nibabel: random volumes).
+# Needs jax with CUDA, flax, optax, orbax, ml_collections, nibabel (imported by the pipeline; the volumes are
+# random), torch with CUDA. The device tool's machine lacks ml_collections and nibabel: carry their wheels (.whl).
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
-STEPS=${*:-bf16 tf32 twin f32 as_2d paper6 input}
+STEPS=${*:-bf16 tf32 feed twin f32 as_2d paper6 input}
 step() { echo "$(date +%T) $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu_device.txt" 2>&1
 run_cost() {  # size, conv impl, dtype, workloads, chunk, timeout
@@ -24,6 +25,8 @@ for s in $STEPS; do
     f32) run_cost paper xla float32 forward,train,uncertainty,uncertainty_loop 50 150 ;;
     as_2d) run_cost paper as_2d float32 forward,train,uncertainty 50 120 ;;
     paper6) run_cost paper6 xla bfloat16 forward,train,uncertainty 10 150 ;;
+    feed) step device_input
+      timeout 150 $PY benchmarks/device_input.py --size paper --cases 8 --warmup 3 --repeats 10 >> "$OUT/gpu_device_input.txt" 2>&1 ;;
     twin)  # JAX and PyTorch on the same GPU: JAX must not pre-allocate 75 % of its memory
       step torch_twin
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 $PY benchmarks/torch_twin.py --size paper --device cuda \

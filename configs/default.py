@@ -75,9 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   # where augmentation runs: "host" (the loader's workers, scipy; elastic possible), "device" (in JAX on the
   # accelerator, locnet_jax/device_augment.py: a GPU fed at paper size), "auto" (host on CPUs, else device)
   train.augment_on = "auto"
-  # True: the whole training set stays on the device (float16 for cached data), batches are gathered there
-  # (locnet_jax/resident.py): no host work per step; needs augment_on="device" (or augment=False)
-  train.data_on_device = False
+  # where the training set lives: "host" (the loader reads the cache each step), "device" (all of it on the
+  # device, float16 for cached data, batches gathered there: no host work per step; locnet_jax/resident.py;
+  # needs augment_on="device" or augment=False), "auto" (device on an accelerator when augmentation is on
+  # the device and the set takes at most half its memory, else host)
+  train.data_on = "auto"
   # batch_size is global: split over the local devices that divide it (data parallel, parameters
   # replicated); True: jax.distributed.initialize() first, for several hosts (cluster from the environment)
   train.distributed = False

@@ -1,4 +1,4 @@
-"""The training set held on the accelerator, so a step needs no host work (`train.data_on_device`).
+"""The training set held on the accelerator, so a step needs no host work (`train.data_on`).
 
 With augmentation on the device (`device_augment`), the host's loader is the last thing between a GPU
 and its next step: reading, collating and copying a 448^3 pyramid takes ~1 s on the CPU against ~22 ms

@@ -37,7 +37,9 @@ from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
 SCHEDULES = ("paper", "multistep")
 AUGMENT_ON = ("auto", "host", "device")  # where training augmentation runs; "auto": host on CPUs, else device
-RESUME_FREE = ("train.loader_workers", "data.cache_dir", "model.unet.conv_impl")  # may change between a run and its resumption
+DATA_ON = ("auto", "host", "device")  # where the training set lives (`resident`); "auto": see `choose_data_on`
+RESIDENT_SHARE = 0.5  # "auto" keeps the training set on an accelerator if it takes at most this share of its memory
+RESUME_FREE = ("train.loader_workers", "train.data_on", "data.cache_dir", "model.unet.conv_impl")  # may change between a run and its resumption
 
 
 class ConfigError(ValueError):
@@ -199,10 +201,12 @@ def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None
   if config.train.batch_size < 1 or config.train.num_epochs < 1:
     raise ConfigError("train.batch_size and train.num_epochs must be >= 1")
   on_host = resolve_augment_on(config.train.augment_on) == "host"
-  if config.train.data_on_device and config.train.distributed:
-    raise ConfigError("train.data_on_device=True runs in a single process; set train.distributed=False")
-  if config.train.data_on_device and config.train.augment and on_host and config.data.source != "synthetic":
-    raise ConfigError("train.data_on_device=True keeps the training set on the device, where the host's "
+  if config.train.data_on not in DATA_ON:
+    raise ConfigError(f"unsupported train.data_on {config.train.data_on!r}; supported: {DATA_ON}")
+  if config.train.data_on == "device" and config.train.distributed:
+    raise ConfigError("train.data_on='device' runs in a single process; set train.distributed=False")
+  if config.train.data_on == "device" and config.train.augment and on_host and config.data.source != "synthetic":
+    raise ConfigError("train.data_on='device' keeps the training set on the device, where the host's "
                       "augmentation cannot reach it: set --config.train.augment_on=device (or augment=False)")
 
 
@@ -258,6 +262,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     return _summary(meta, checkpoints)
 
 
+def choose_data_on(value: str, *, host_augment: bool, backend: str, processes: int, bytes_limit: int | None,
+                   need_bytes) -> str:
+  """Where the training set lives: `value` unless "auto", which picks "device" on an accelerator (not the
+  CPU, whose loader workers run beside the step) when no augmentation is left to the host, the run is one
+  process, and the set (`need_bytes()`, called only then) takes at most `RESIDENT_SHARE` of `bytes_limit`."""
+  if value != "auto":
+    return value
+  if host_augment or backend == "cpu" or processes > 1 or not bytes_limit:
+    return "host"
+  return "device" if need_bytes() <= RESIDENT_SHARE * bytes_limit else "host"
+
+
+def _training_batches(config, data: Data, *, mesh, host_augment, log):
+  """The epoch batches: `resident.ResidentData` (training set on the device) or `pipeline.Loader`."""
+  storage = "float16" if data.from_files else "float32"  # the cache stores float16: nothing is lost
+
+  def need_bytes():
+    first = data.train[0] if isinstance(data.train[0], pipeline.Example) else data.train[0]()
+    return len(data.train) * sum(v.size for v in first.pyramid.volumes) * np.dtype(storage).itemsize
+
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  where = choose_data_on(config.train.data_on, host_augment=host_augment is not None, backend=jax.default_backend(),
+                         processes=jax.process_count(), bytes_limit=limit, need_bytes=need_bytes)
+  if where == "device":
+    batches = resident.ResidentData(data.train, batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
+                                    storage_dtype=storage)
+    log(f"training set on the device: {batches.nbytes / 1e9:.2f} GB" + (f" of {limit / 1e9:.1f}" if limit else ""))
+    return batches
+  if config.train.data_on == "auto" and host_augment is None and jax.default_backend() != "cpu":
+    log("train.data_on='auto': the training set stays on the host (see choose_data_on)")
+  return pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=host_augment,
+                         workers=config.train.loader_workers if data.from_files else 0)
+
+
 def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, state, mesh, root, first_epoch: int,
                   step: int, meta: dict | None, log) -> dict:
   """The epoch loop from `first_epoch`; returns the last checkpoint's metadata."""
@@ -271,14 +309,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
   augment_fn = jax.jit(functools.partial(device_augment.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)
-  if config.train.data_on_device:
-    loader = resident.ResidentData(data.train, batch_size=config.train.batch_size, seed=config.seed, mesh=mesh,
-                                   storage_dtype="float16" if data.from_files else "float32")
-    log(f"training set on the device: {loader.nbytes / 1e9:.2f} GB")
-  else:
-    loader = pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed,
-                             augment=None if on_device else augment,
-                             workers=config.train.loader_workers if data.from_files else 0)
+  loader = _training_batches(config, data, mesh=mesh, host_augment=None if on_device else augment, log=log)
   progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=loader.steps_per_epoch(),
                                 first_epoch=first_epoch)
   with loader, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
@@ -302,7 +333,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       pending = None
       for index, batch in enumerate(loader.epoch(epoch)):
         key = jax.random.fold_in(noise_root, step) if config.train.noise else None
-        if not config.train.data_on_device:  # resident batches are already on the mesh
+        if isinstance(loader, pipeline.Loader):  # resident batches are already on the mesh
           batch = parallel.shard_batch(batch, mesh)
         if augment_fn is not None:  # on the device, keyed by the step: a resumed run replays it
           batch = augment_fn(batch, jax.random.fold_in(augment_root, step))

@@ -183,13 +183,41 @@ def test_a_bad_augment_on_is_a_config_error(tmp_path):
 
 def test_a_training_set_on_the_device_trains_exactly_as_the_loader(tmp_path):
   config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
-  config.train.augment_on, config.train.loader_workers = "device", 0
+  config.train.augment_on, config.train.loader_workers, config.train.data_on = "device", 0, "host"
   loaded = train_lib.train_and_evaluate(config, tmp_path / "loaded", log=lambda *_: None)
-  config.train.data_on_device = True
+  config.train.data_on = "device"
   log = []
   resident = train_lib.train_and_evaluate(config, tmp_path / "resident", log=log.append)
   assert any(line.startswith("training set on the device: ") for line in log), log
   assert resident["train_loss"] == loaded["train_loss"] and resident["val_error_mm"] == loaded["val_error_mm"]
   config.train.augment_on = "host"
-  with pytest.raises(train_lib.ConfigError, match="data_on_device=True .*augment_on=device"):
+  with pytest.raises(train_lib.ConfigError, match="data_on='device' .*augment_on=device"):
     train_lib.train_and_evaluate(config, tmp_path / "refused", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("value, kwargs, expected", [
+    ("host", dict(backend="gpu"), "host"),
+    ("device", dict(backend="cpu"), "device"),
+    ("auto", dict(backend="gpu"), "device"),  # 9.8 GB of 80: fits
+    ("auto", dict(backend="gpu", bytes_limit=16e9), "host"),  # over half of 16 GB
+    ("auto", dict(backend="cpu"), "host"),  # the CPU's loader workers run beside the step
+    ("auto", dict(backend="gpu", host_augment=True), "host"),  # the host still augments
+    ("auto", dict(backend="gpu", processes=2), "host"),
+    ("auto", dict(backend="gpu", bytes_limit=None), "host"),  # no memory figure: no guess
+])
+def test_where_the_training_set_lives(value, kwargs, expected):
+  calls = []
+
+  def need_bytes():
+    calls.append(1)
+    return 9.8e9
+  args = dict(host_augment=False, backend="gpu", processes=1, bytes_limit=80e9, need_bytes=need_bytes) | kwargs
+  assert train_lib.choose_data_on(value, **args) == expected
+  assert len(calls) <= 1 and (value == "auto" or not calls)  # sizes read only when they decide
+
+
+def test_a_bad_data_on_is_a_config_error(tmp_path):
+  config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
+  config.train.data_on = "gpu"
+  with pytest.raises(train_lib.ConfigError, match=r"train.data_on 'gpu'; supported"):
+    train_lib.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
