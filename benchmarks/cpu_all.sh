@@ -1,6 +1,6 @@
 #!/bin/bash
 # All CPU performance figures in one go, quiet machine; results in benchmarks/results/cpu_*.txt
-# Usage: PYTHON=.venv/bin/python benchmarks/cpu_all.sh   (about 30 minutes on 2 cores; needs torch for the twin)
+# Usage: PYTHON=.venv/bin/python benchmarks/cpu_all.sh   (about 50 minutes on 2 cores; needs torch for the twin)
 set -x
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -15,4 +15,8 @@ $PY benchmarks/model_cost.py --size paper --workloads forward,train,uncertainty,
 $PY benchmarks/torch_twin.py --size paper --conv-impls as_2d --repeats 3 > $R/cpu_torch_twin_paper.txt 2>&1
 $PY benchmarks/input_size.py --repeats 2 --warmup 1 > $R/cpu_input_size.txt 2>&1
 $PY benchmarks/loader_throughput.py --sizes demo > $R/cpu_loader_demo.txt 2>&1
+$PY benchmarks/loader_throughput.py --sizes paper > $R/cpu_loader_paper.txt 2>&1
+$PY benchmarks/device_input.py --size demo > $R/cpu_device_input.txt 2>&1
+$PY benchmarks/device_input.py --size paper --warmup 1 --repeats 2 >> $R/cpu_device_input.txt 2>&1
+$PY benchmarks/dtype_accuracy.py > $R/cpu_dtype_accuracy.txt 2>&1
 echo done

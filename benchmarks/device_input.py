@@ -84,7 +84,7 @@ def main():
   print("|---|---|---|")
   for name, fn in rows:
     median, low, high = timed(fn, args.warmup, args.repeats)
-    print(f"| {name} | {1e3 * median:.1f} ({1e3 * low:.1f}-{1e3 * high:.1f}) | {1 / median:.1f} |", flush=True)
+    print(f"| {name} | {1e3 * median:.1f} ({1e3 * low:.1f}-{1e3 * high:.1f}) | {1 / median:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
