@@ -40,11 +40,14 @@ def random_transform(key: jax.Array, settings: AugmentSettings, center_mm: jax.A
   return jnp.eye(4).at[:3, :3].set(linear).at[:3, 3].set(translation)
 
 
-def transform_volume(volume: jax.Array, affine: jax.Array, transform: jax.Array, *, slab: int = 8) -> jax.Array:
+def transform_volume(volume: jax.Array, affine: jax.Array, transform: jax.Array, *,
+                     max_points: int = 1 << 21) -> jax.Array:
   """(X, Y, Z) image moved by the world transform (4, 4), on its own grid; trilinear, 0 where the source
   point lies outside the old grid (as `augment.transform_volume`, whose values it reproduces).
 
-  Computed `slab` x-slices at a time, so the coordinates held at once are 3 x slab x Y x Z floats.
+  Computed in slabs of x-slices of at most `max_points` voxels (one slice at least), so the coordinates
+  held at once are ~3 x `max_points` floats (24 MB by default: a 128^3 volume in one slab, a 448^3 one 10
+  slices at a time).
   """
   vox_map = jnp.linalg.inv(affine) @ jnp.linalg.inv(transform) @ affine  # new voxel -> old voxel
   ny, nz = volume.shape[1:]
@@ -60,7 +63,8 @@ def transform_volume(volume: jax.Array, affine: jax.Array, transform: jax.Array,
     return jnp.where(inside, values, 0.0)
 
   xs = jnp.arange(volume.shape[0], dtype=jnp.float32)
-  return jax.lax.map(one_slice, xs, batch_size=min(slab, volume.shape[0]))
+  slab = max(1, min(volume.shape[0], max_points // (ny * nz)))
+  return jax.lax.map(one_slice, xs, batch_size=slab)
 
 
 def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, settings: AugmentSettings):

@@ -98,14 +98,17 @@ def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, examp
   return card
 
 
+INFERENCE_FREE = ("model.unet.dtype",)  # may differ from training when evaluating (bfloat16 on a GPU, say)
+
+
 def check_model_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """The config's model and pyramid must be the ones the run was trained with."""
+  """The config's model and pyramid must be the ones the run was trained with (but `INFERENCE_FREE`)."""
   saved_path = Path(workdir) / "config.json"
   if not saved_path.is_file():
     raise io.DataError(saved_path, "no such file: is this a training workdir?")
   saved = json.loads(saved_path.read_text())
   differences = train_lib.config_differences(saved, json.loads(config.to_json_best_effort()), prefixes=(
-      "model.", "data.spacings_mm", "data.finest_size", "data.intensity", "data.ct_window_hu"))
+      "model.", "data.spacings_mm", "data.finest_size", "data.intensity", "data.ct_window_hu"), also_free=INFERENCE_FREE)
   if differences:
     raise train_lib.ConfigError(f"{workdir} was trained with another model or pyramid ({'; '.join(differences)}): "
                                 "pass the training config (and overrides) with --config")

@@ -181,13 +181,14 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def config_differences(saved: dict, config: dict, *, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+def config_differences(saved: dict, config: dict, *, prefixes: tuple[str, ...] = ("",),
+                       also_free: tuple[str, ...] = ()) -> list[str]:
   """'field: saved -> now' for every field under `prefixes` that differs (JSON-normalised), except
-  `RESUME_FREE` ones. A field the saved config lacks (added to the code after the run started) is not a
+  `RESUME_FREE` and `also_free` ones. A field the saved config lacks (added to the code after the run started) is not a
   difference: the run is taken to have used its default."""
   old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old)
-          if k.startswith(prefixes) and k not in RESUME_FREE and old.get(k) != new.get(k)]
+          if k.startswith(prefixes) and k not in RESUME_FREE + also_free and old.get(k) != new.get(k)]
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:

@@ -35,7 +35,7 @@ def test_transform_volume_equals_the_hosts_on_an_oblique_grid():
                                                                      max_translation_mm=4), center)
   host = augment.transform_volume(volume, affine, transform)
   device = np.asarray(device_augment.transform_volume(jnp.asarray(volume), jnp.asarray(affine, jnp.float32),
-                                                      jnp.asarray(transform, jnp.float32), slab=4))
+                                                      jnp.asarray(transform, jnp.float32), max_points=4 * 11 * 9))
   assert np.mean(np.abs(host - volume)) > 0.1  # the warp really moved the image
   assert (host == 0).mean() > 0.05  # and brought in empty space, where both must put 0
   np.testing.assert_allclose(device, host, atol=2e-4)

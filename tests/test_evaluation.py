@@ -109,6 +109,18 @@ def test_scores_match_landmarks_by_name_and_count_missing_truths():
   assert "Calibrated on the 2 val cases" in evaluation.results_markdown(calibrated, title="t")
 
 
+def test_evaluation_may_change_the_compute_dtype_but_not_the_model(tmp_path):
+  from configs import multiscale
+  trained = multiscale.get_config("synthetic_demo")
+  (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+  config = multiscale.get_config("synthetic_demo")
+  config.model.unet.dtype = "bfloat16"  # same parameters, another compute dtype: allowed
+  evaluation.check_model_config(config, tmp_path)
+  config.model.unet.base_channels += 1
+  with pytest.raises(evaluation.train_lib.ConfigError, match=r"another model or pyramid \(model.unet.base_channels"):
+    evaluation.check_model_config(config, tmp_path)
+
+
 def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
   out = tmp_path / "eval"
   evaluation.replace_folder(out, lambda f: (f / "old.txt").write_text("old"))
