@@ -2,7 +2,8 @@
 
 Uncertainty (paper, Sec. 2.3): the coarser scales run once, without noise; the finest Loc-Net then runs
 for N shifts U(-r, r) mm per axis of its crop centre, `chunk_size` samples at a time inside one jitted
-call (`jax.lax.map`), so memory is bounded by a chunk whatever N is. Sample n uses the key
+call (`jax.lax.map`), so memory is bounded by a chunk whatever N is (and within a chunk the patches go
+through the U-Net in `model.patch_groups` independent calls). Sample n uses the key
 ``jax.random.split(key, N)[n]``: it equals `MultiScaleLocNet(...)(..., noise_key=that key)` exactly.
 The prediction is the mean of the samples; their per-axis standard deviation (RAS axes) is the
 uncertainty.
@@ -62,7 +63,7 @@ def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_
     def one_chunk(shifts):  # (C, B, K, 3) -> (B, C, K, 3)
       centers = jnp.moveaxis(center[None] + shifts, 0, 1).reshape(batch, -1, 3)
       pred, _ = models.refine(net, volumes[last], affine, centers, num_landmarks=k_count,
-                              patch_shape=model.patch_shape)
+                              patch_shape=model.patch_shape, groups=model.patch_groups)
       return pred.reshape(batch, chunk, k_count, 3)
 
     chunks = jax.lax.map(one_chunk, noise.reshape(num_chunks, chunk, *center.shape))  # (M, B, C, K, 3)

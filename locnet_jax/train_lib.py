@@ -39,7 +39,9 @@ SCHEDULES = ("paper", "multistep")
 AUGMENT_ON = ("auto", "host", "device")  # where training augmentation runs; "auto": host on CPUs, else device
 DATA_ON = ("auto", "host", "device")  # where the training set lives (`resident`); "auto": see `choose_data_on`
 RESIDENT_SHARE = 0.5  # "auto" keeps the training set on an accelerator if it takes at most this share of its memory
-RESUME_FREE = ("train.loader_workers", "train.data_on", "data.cache_dir", "model.unet.conv_impl")  # may change between a run and its resumption
+# may change between a run and its resumption (where the data live, how fast it runs)
+RESUME_FREE = ("train.loader_workers", "train.data_on", "data.cache_dir", "model.unet.conv_impl",
+               "model.patch_groups")
 
 
 class ConfigError(ValueError):
@@ -56,7 +58,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
   if model_config.kind == "multiscale":
     return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
                             unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
-                            stop_gradient=model_config.stop_gradient)
+                            stop_gradient=model_config.stop_gradient, patch_groups=model_config.patch_groups)
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:

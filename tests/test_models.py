@@ -129,6 +129,25 @@ def test_stop_gradient_cuts_every_coarser_scale_exactly():
   assert largest["scale2"] > 1e-6
 
 
+def test_patch_groups_change_speed_not_the_function_or_its_gradients():
+  volumes, affines = _pyramid(batch=2)
+  target_mm = jnp.array([[[1.0, 2.0, 3.0], [-2.0, 0.0, 1.0], [0.5, 4.0, -1.0]]] * 2)
+  key = jax.random.key(5)
+  outs, grads = [], []
+  for groups in (1, 4, 6, 0):  # 6 patches per scale: 4 groups are uneven (2, 1, 2, 1); 0 = auto
+    model = MultiScaleLocNet(num_landmarks=3, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
+                             patch_groups=groups)
+    params = model.init(jax.random.key(1), volumes, affines)  # the same parameter tree whatever the groups
+
+    def loss(p, model=model):
+      return jnp.sum(losses.per_scale_loss(model.apply(p, volumes, affines, noise_key=key)["pred_mm"], target_mm))
+    outs.append(model.apply(params, volumes, affines, noise_key=key)["pred_mm"])
+    grads.append(jax.jit(jax.grad(loss))(params))
+  for out, grad in zip(outs[1:], grads[1:]):
+    np.testing.assert_allclose(out, outs[0], atol=1e-4)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5), grad, grads[0])
+
+
 # ---------------------------------------------------------------- noise injection
 
 def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
@@ -251,6 +270,7 @@ def test_output_shapes(batch, num_scales, num_landmarks, patch):
     (lambda: MultiScaleLocNet(2, patch_shape=(8, 8)), "shape must be"),
     (lambda: MultiScaleLocNet(2, noise_mm=-1.0), "noise_mm"),
     (lambda: MultiScaleLocNet(2, com_kind="max"), "com_kind"),
+    (lambda: MultiScaleLocNet(2, patch_groups=-1), "patch_groups must be an int >= 0"),
     (lambda: LocNet(2, com_kind="max"), "com_kind"),
 ])
 def test_bad_model_arguments(make, message):
