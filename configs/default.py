@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 2 epochs with 1); the arg-max prediction does not depend on the scale
   model.heatmap_peak = 100.0
   # "multiscale": independent U-Net calls the finer scales' patches are split into (speed only, same function):
-  # 0 = auto (one per patch up to 2 per core on CPUs, 1 on GPUs; locnet_jax/models.py resolve_patch_groups)
+  # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/models.py resolve_patch_groups)
   model.patch_groups = 0
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)

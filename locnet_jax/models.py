@@ -8,7 +8,6 @@ to fine) for each of ``K`` landmarks, so the loss can weight every scale.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,17 +39,18 @@ def _check_volumes(volumes: Sequence[jax.Array], num: int) -> None:
 
 def resolve_patch_groups(value: int, count: int) -> int:
   """Into how many independent U-Net calls a batch of `count` patches is split: `value`, or for 0 (auto)
-  one per patch up to 2 per CPU core (at most 8) on a CPU backend, 1 elsewhere.
+  one per patch (at most 8) on a CPU backend, 1 elsewhere.
 
   XLA:CPU runs independent computations side by side, which uses 2 cores better than one small
   convolution's own threads (2 cores: demo forward 122 -> 80 ms and training step 418 -> 286 ms with 6
-  groups; paper size 2.76 -> 2.10 s and 7.80 -> 6.29 s with 2); a GPU wants one batch. The function is the
-  same; the graph (and its compile time) grows with the groups.
+  groups, 77 and 299 ms with 3; 50-pass uncertainty 1.78 s with 4, 1.70 s with 6; paper size 2.76 ->
+  2.10 s and 7.80 -> 6.29 s with 2); a GPU wants one batch. The function is the same; the graph (and its
+  compile time) grows with the groups.
   """
   if not isinstance(value, int) or isinstance(value, bool) or value < 0:
     raise ValueError(f"patch_groups must be an int >= 0 (0: auto), got {value!r}")
   if value == 0:
-    value = min(2 * (os.cpu_count() or 1), 8) if jax.default_backend() == "cpu" else 1
+    value = 8 if jax.default_backend() == "cpu" else 1
   return max(1, min(value, count))
 
 
