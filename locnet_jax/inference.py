@@ -26,8 +26,8 @@ def make_predict(model) -> Callable:
 
 
 def auto_chunk_size(num_samples: int) -> int:
-  """Noise samples per chunk when none is given: 1 on a CPU backend (smallest working set: 2.1 s against
-  4.1 s for chunks of 10, demo size, benchmarks/model_cost.py), else min(10, N) (a GPU wants a batch, and
+  """Noise samples per chunk when none is given: 1 on a CPU backend (smallest working set: 1.62 s against
+  2.02 s for chunks of 10, demo size, benchmarks/model_cost.py), else min(10, N) (a GPU wants a batch, and
   50 unchunked paper-size samples need 17 GB for 2 landmarks)."""
   return 1 if jax.default_backend() == "cpu" else min(10, num_samples)
 
