@@ -58,7 +58,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
   if model_config.kind == "multiscale":
     return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
                             unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
-                            stop_gradient=model_config.stop_gradient, patch_groups=model_config.patch_groups)
+                            stop_gradient=model_config.stop_gradient,
+                            patch_groups=model_config.get("patch_groups", 0))  # absent from older runs' configs
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:
