@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from locnet_jax import geometry
 from locnet_jax.augment import AugmentSettings
 
 
@@ -74,7 +75,7 @@ def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, setting
     raise ValueError("device augmentation has no elastic part: use elastic_mm=0 or the host loader")
   k_warp, k_gamma, k_scale, k_shift, k_noise = jax.random.split(key, 5)
   fine = affines[-1]
-  center_mm = fine[:3, :3] @ ((jnp.asarray(volumes[-1].shape, jnp.float32) - 1) / 2) + fine[:3, 3]
+  center_mm = geometry.vox_to_mm((jnp.asarray(volumes[-1].shape, jnp.float32) - 1) / 2, fine)
   transform = random_transform(k_warp, settings, center_mm)
   gamma = jnp.exp(jax.random.uniform(k_gamma, (), minval=-settings.max_gamma, maxval=settings.max_gamma))
   scale = jax.random.uniform(k_scale, (), minval=1 - settings.max_intensity_scale,
@@ -87,7 +88,7 @@ def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, setting
     if settings.noise_std:
       v = v + settings.noise_std * jax.random.normal(jax.random.fold_in(k_noise, level), v.shape)
     moved.append(v)
-  moved_target = target_mm @ transform[:3, :3].T + transform[:3, 3]
+  moved_target = geometry.apply_affine(transform, target_mm)
   return moved, moved_target
 
 

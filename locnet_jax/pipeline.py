@@ -195,6 +195,13 @@ def collate(examples: Sequence[Example]) -> dict:
           "target_mm": np.stack([e.target_mm for e in examples]).astype(np.float32)}
 
 
+def epoch_batches(*, seed: int, epoch: int, count: int, batch_size: int) -> list[np.ndarray]:
+  """The case indices of each batch of an epoch: ``default_rng((seed, epoch)).permutation(count)`` cut
+  into full batches (the remainder is dropped)."""
+  order = np.random.default_rng((seed, epoch)).permutation(count)
+  return [order[i:i + batch_size] for i in range(0, count // batch_size * batch_size, batch_size)]
+
+
 class Loader:
   """Shuffled, augmented training batches, prepared by `workers` background processes (0: inline).
 
@@ -223,11 +230,8 @@ class Loader:
     return [_FromSharedMemory(self._pool.submit(_augmented_in_shared_memory, *job)) for job in jobs]
 
   def epoch(self, epoch: int) -> Iterator[dict]:
-    order = np.random.default_rng((self.seed, epoch)).permutation(len(self.sources))
-    batches = [order[i:i + self.batch_size] for i in range(0, self.steps_per_epoch() * self.batch_size,
-                                                          self.batch_size)]
     pending = deque()
-    for indices in batches:
+    for indices in epoch_batches(seed=self.seed, epoch=epoch, count=len(self.sources), batch_size=self.batch_size):
       pending.append(self._job(epoch, indices))
       if len(pending) > self.prefetch:
         yield collate([f.result() for f in pending.popleft()])

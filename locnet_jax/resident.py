@@ -6,7 +6,7 @@ of H100 training. Here every training pyramid is stacked per scale once, (N, X_s
 `storage_dtype` (float16 for cached data sets: their cache already stores float16, so nothing is lost;
 48 paper-size cases take ~9.8 GB), and replicated on the devices of the mesh; a batch is a jitted gather
 of its indices, cast to float32, laid out over the mesh's data axis. The epoch order is the host
-loader's (`pipeline.Loader`): ``default_rng((seed, epoch)).permutation(N)``, full batches only.
+loader's (`pipeline.epoch_batches`).
 """
 
 from __future__ import annotations
@@ -66,9 +66,7 @@ class ResidentData:
     return self.count // self.batch_size
 
   def epoch(self, epoch: int) -> Iterator[dict]:
-    order = np.random.default_rng((self.seed, epoch)).permutation(self.count)
-    for step in range(self.steps_per_epoch()):
-      indices = order[step * self.batch_size:(step + 1) * self.batch_size]
+    for indices in pipeline.epoch_batches(seed=self.seed, epoch=epoch, count=self.count, batch_size=self.batch_size):
       yield self._take(*self._arrays, jnp.asarray(indices, jnp.int32))
 
   def close(self) -> None:
