@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU figures of the README's performance section, as one prepared run on a device machine:
-#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 feed twin f32 as_2d paper6 input (default: all)
+#   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 feed twin f32 f32base as_2d paper6 input profile (default: all)
 # Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
 # Every step has its own time limit; all of them take up to ~12 minutes on an H100 (2026-11-26: the f32 step
 # ~100 s, the twin ~80 s, bf16 over 110 s) — pick steps to fit a 15-minute device budget.
@@ -23,6 +23,7 @@ for s in $STEPS; do
     bf16) run_cost paper xla bfloat16 forward,train,uncertainty 50 200 ;;
     tf32) JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 run_cost paper xla float32 forward,train,uncertainty 50 200 ;;
     f32) run_cost paper xla float32 forward,train,uncertainty,uncertainty_loop 50 150 ;;
+    f32base) run_cost paper xla float32 forward,train,uncertainty 50 120 ;;  # the baseline for another card
     as_2d) run_cost paper as_2d float32 forward,train,uncertainty 50 120 ;;
     paper6) run_cost paper6 xla bfloat16 forward,train,uncertainty 10 150 ;;
     feed) step device_input
@@ -31,6 +32,8 @@ for s in $STEPS; do
       step torch_twin
       XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 $PY benchmarks/torch_twin.py --size paper --device cuda \
         --conv-impls xla --chunk 50 --warmup 3 --repeats 10 >> "$OUT/gpu_torch_twin.txt" 2>&1 ;;
+    profile) step gpu_profile  # where the device time goes; traces left on the machine
+      timeout 300 $PY benchmarks/gpu_profile.py --out /tmp/locnet_traces --calls 3 >> "$OUT/gpu_profile.txt" 2>&1 ;;
     input)
       step input_size
       timeout 200 $PY benchmarks/input_size.py --max-run-gb 70 --warmup 2 --repeats 5 >> "$OUT/gpu_input_size.txt" 2>&1 ;;
