@@ -135,20 +135,19 @@ def main() -> None:
   parser.add_argument("--size", default="paper", choices=["paper", "paper6", "demo"])
   parser.add_argument("--calls", type=int, default=5, help="calls of each workload inside the trace")
   parser.add_argument("--top", type=int, default=12, help="kernels listed per workload")
-  parser.add_argument("--parts", default="unet,precision,profile", help="which of unet, precision, profile")
+  parser.add_argument("--parts", default="profile,unet,precision", help="which of profile, unet, precision")
   args = parser.parse_args()
   import jax
   print(f"device={jax.devices()[0].device_kind}  jax={jax.__version__}  {time.strftime('%Y-%m-%d %H:%M')}")
   parts = args.parts.split(",")
   for dtype in ("float32", "bfloat16"):
+    if "profile" in parts:
+      profile(dtype, args.size, args.out, args.calls, args.top)
+  for dtype in ("float32", "bfloat16"):
     if "unet" in parts:
       unet_per_patch(dtype, args.size, (1, 2, 8, 100))
   if "precision" in parts:
     precision_check(args.size)
-  for dtype in ("float32", "bfloat16"):
-    if "profile" in parts:
-      profile(dtype, args.size, args.out, args.calls, args.top)
-
 
 if __name__ == "__main__":
   main()
