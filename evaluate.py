@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from locnet_jax import evaluation, io, train_lib
+from locnet_jax import evaluation, io, train_lib, xla_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
                                           lock_config=True)
@@ -25,6 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "The trained run's
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)
   try:
     out = evaluation.evaluate(_CONFIG.value, _WORKDIR.value)

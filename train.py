@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from locnet_jax import io, train_lib
+from locnet_jax import io, train_lib, xla_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "Training configuration.",
                                           lock_config=True)
@@ -24,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
     summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from locnet_jax import xla_env  # noqa: E402
+xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
 from locnet_jax import checkpoints, evaluation, io, train_lib  # noqa: E402
 
 

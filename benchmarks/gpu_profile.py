@@ -8,7 +8,8 @@ summed by kernel or XLA op (top names, their share, and busy time against wall t
 waits for launches or the host); (2) one U-Net alone on B patches of 56^3 (B = 1, 2, 8, 100): time per
 patch shows whether bigger batches fill the device; (3) the forward pass with float32 at "highest"
 precision (no TF32) against the default, which tells whether the default already uses TF32 tensor cores.
-Prints Markdown tables; needs nothing beyond the library's own packages.
+Convolutions are channels-last as in train.py (`xla_env`); XLA_FLAGS=--xla_gpu_force_conv_nhwc=false
+profiles XLA's own layouts. Prints Markdown tables; needs nothing beyond the library's own packages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import sys
 import time
@@ -138,7 +140,8 @@ def main() -> None:
   parser.add_argument("--parts", default="profile,unet,precision", help="which of profile, unet, precision")
   args = parser.parse_args()
   import jax
-  print(f"device={jax.devices()[0].device_kind}  jax={jax.__version__}  {time.strftime('%Y-%m-%d %H:%M')}")
+  print(f"device={jax.devices()[0].device_kind}  jax={jax.__version__}  XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'  "
+        f"{time.strftime('%Y-%m-%d %H:%M')}")
   parts = args.parts.split(",")
   for dtype in ("float32", "bfloat16"):
     if "profile" in parts:

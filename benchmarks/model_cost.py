@@ -16,13 +16,16 @@ lowered, pre-optimisation program, as the compiled one leaves cuDNN's convolutio
 none there, so nan: the count is the CPU row's, the same program); on a GPU, peak device
 memory from the device's memory statistics. --dtype bfloat16 runs the U-Nets' layers in bfloat16
 (`UNet3D.dtype`); JAX_DEFAULT_MATMUL_PRECISION=tensorfloat32 in the environment lets float32 convolutions use
-TF32 tensor cores on a GPU (the header's precision). Prints a Markdown table.
+TF32 tensor cores on a GPU (the header's precision; jax's default already lets cuDNN use TF32 there, as a
+run at "highest" shows). Convolutions run channels-last on a GPU (`xla_env`, as in train.py); the header
+shows XLA_FLAGS. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from locnet_jax import xla_env  # noqa: E402
+xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
 
 SIZES = {
     # name: (num_landmarks, spacings coarse->fine mm, finest grid size, patch, unet)
@@ -132,7 +137,8 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
               device=jax.devices()[0].device_kind, jax=jax.__version__, repeats=repeats,
               max_diff_vs_loop_mm=max_diff_mm, chunk_size=chunk_size,
               conv_impl=unet.resolve_conv_impl(conv_impl), dtype=dtype,
-              precision=jax.config.jax_default_matmul_precision or "default")
+              precision=jax.config.jax_default_matmul_precision or "default",
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def measure_in_subprocess(workload: str, spec: dict, *, warmup: int, repeats: int, chunk: int = 10,
@@ -176,7 +182,7 @@ def main() -> None:
       continue
     if not rows:
       print(f"size={args.size} {SIZES[args.size]}  params={row['params']:,}  device={row['device']}  "
-            f"conv={row['conv_impl']}  dtype={row['dtype']}  precision={row['precision']}  jax={row['jax']}  median of {row['repeats']} after "
+            f"conv={row['conv_impl']}  dtype={row['dtype']}  precision={row['precision']}  XLA_FLAGS='{row.get('xla_flags', '')}'  jax={row['jax']}  median of {row['repeats']} after "
             f"{args.warmup} warm-up runs")
       print("| workload | compile s | median ms (min-max) | GFLOP | GFLOP/s | XLA temp GB | peak RSS GB | "
             "peak device GB |")

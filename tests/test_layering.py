@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 # lowest first; a new module must be placed here before it can be imported by another
-LAYERS = ["geometry", "io", "preprocess", "augment", "pipeline", "synthetic", "datasets", "ops", "device_augment", "unet", "models",
+LAYERS = ["xla_env", "geometry", "io", "preprocess", "augment", "pipeline", "synthetic", "datasets", "ops", "device_augment", "unet", "models",
           "inference", "losses", "metrics", "training", "parallel", "resident", "checkpoints", "reporting", "train_lib",
           "figures", "evaluation"]
 
