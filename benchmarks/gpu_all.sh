@@ -2,8 +2,10 @@
 # The GPU figures of the README's performance section, as one prepared run on a device machine:
 #   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 feed twin f32 f32base as_2d paper6 input profile (default: all)
 # Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
-# Every step has its own time limit; all of them take up to ~12 minutes on an H100 (2026-11-26: the f32 step
-# ~100 s, the twin ~80 s, bf16 over 110 s) — pick steps to fit a 15-minute device budget.
+# Every step has its own time limit; all of them take up to ~14 minutes (2026-11-26, H100/H200: f32base ~105 s,
+# bf16 ~125 s, tf32 ~105 s, feed ~80 s, profile ~120 s, the twin ~80 s) — pick steps to fit a device lease.
+# The benchmarks run convolutions channels-last (locnet_jax/xla_env.py); XLA_FLAGS=--xla_gpu_force_conv_nhwc=false
+# in the environment measures XLA's own layouts.
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, nibabel (imported by the pipeline; the volumes are
 # random), torch with CUDA. The device tool's machine lacks ml_collections and nibabel: carry their wheels (.whl).
 cd "$(dirname "$0")/.."

@@ -9,9 +9,11 @@ LLVAC), built in data/afids on first use from ../shared or the PyPI wheel (locne
 
 Variants (the sizes; every other Table-1 config derives from these):
   ""              paper size: 448^3 at 0.5 mm (224 mm field of view), 4 scales, 500 epochs of 48 volumes.
-                  Expected time on one H100 (measured step: 47 ms with 6 landmarks, 22 ms with 2): about
-                  19 min of training steps, if the data loading keeps up (CPU augmentation of a 448^3
-                  pyramid takes ~11 s per volume per core: use many loader workers). Not yet run.
+                  Expected time on one H100: about 19 min of training steps (measured step, float32 in
+                  XLA's own layouts: 47 ms with 6 landmarks, 22 ms with 2; channels-last convolutions,
+                  now the default, made the 2-landmark step 1.28x faster on an H200). On a GPU "auto"
+                  keeps the training set on the device and augments it there (7.5 ms a 448^3 pyramid on
+                  an H200; ~11 s per volume per CPU core on the host). Not yet run.
   "demo"          2 CPU cores: 3 scales at 8, 4, 2 mm over 256 mm, 24^3 patches, 8 base channels,
                   15 epochs (the README's main command; its measured time and errors are there).
   "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6. Measured on 2 CPU
