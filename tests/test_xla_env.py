@@ -1,11 +1,14 @@
 """XLA_FLAGS defaults of the entry points (`xla_env`)."""
 
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from locnet_jax import xla_env
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -34,10 +37,10 @@ def test_flag_set_after_importing_jax_is_read_and_accepted_on_cpu():
           "xla_env.prefer_channels_last_convolutions()\n"
           "print(float(jnp.arange(4.0).sum()), os.environ['XLA_FLAGS'])\n")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": "."}, timeout=120)
+                        env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
   assert done.returncode == 0, done.stderr[-500:]
   assert done.stdout.split() == ["6.0", xla_env.CHANNELS_LAST_FLAG]
   bogus = code.replace("xla_env.prefer_channels_last_convolutions()", "os.environ['XLA_FLAGS'] = '--xla_no_such_flag=1'")
   done = subprocess.run([sys.executable, "-c", bogus], capture_output=True, text=True,
-                        env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": "."}, timeout=120)
+                        env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
   assert done.returncode != 0 and "xla_no_such_flag" in done.stderr  # so the flags really are read late
