@@ -156,8 +156,14 @@ def _tiny_run(tmp_path):
   return workdir, manifest, overrides
 
 
-def test_evaluate_and_predict_from_the_shell(tmp_path):
-  workdir, manifest, overrides = _tiny_run(tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One `_tiny_run` shared by the shell tests (each writes its outputs under its own tmp_path)."""
+  return _tiny_run(tmp_path_factory.mktemp("tiny_run"))
+
+
+def test_evaluate_and_predict_from_the_shell(tiny_run, tmp_path):
+  workdir, manifest, overrides = tiny_run
   done = subprocess.run([sys.executable, "evaluate.py", f"--workdir={workdir}", *overrides], cwd=ROOT,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -197,8 +203,8 @@ def test_evaluate_and_predict_from_the_shell(tmp_path):
   assert (tmp_path / "pred" / f"{case['case_id']}.mrk.json").is_file()  # the earlier output is untouched
 
 
-def test_an_exported_model_predicts_exactly_as_its_run(tmp_path):
-  workdir, manifest, overrides = _tiny_run(tmp_path)
+def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):
+  workdir, manifest, overrides = tiny_run
   done = subprocess.run([sys.executable, "export_model.py", f"--workdir={workdir}", f"--out={tmp_path / 'model'}",
                          *overrides], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
