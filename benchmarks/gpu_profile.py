@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model_cost import NUM_SAMPLES, SIZES, _inputs  # noqa: E402
+from benchmarks.model_cost import NUM_SAMPLES, SIZES, build_workloads  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
 
 
@@ -58,27 +58,12 @@ def device_event_times(trace_dir: Path) -> dict[str, tuple[dict[str, list[float]
 
 
 def _workloads(dtype: str, size: str):
-  """{name: (jitted fn, args)} for the size's forward, train step and 50-pass uncertainty."""
-  import jax
-  from locnet_jax import inference, losses, training
-  from locnet_jax.models import MultiScaleLocNet
-  spec = SIZES[size]
-  volumes, affines, target = _inputs(spec)
-  model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]), patch_shape=(spec["patch"],) * 3,
-                           unet={**spec["unet"], "conv_impl": "xla", "dtype": dtype})
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
-                                      learning_rate=5e-4)
-  key = jax.random.key(1)
-  weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
-  forward = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
-  step = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
-  uncertainty = inference.make_uncertainty(model, num_samples=NUM_SAMPLES, chunk_size=NUM_SAMPLES)
-  return {"forward": (forward, (state.params, volumes, affines, key)),
-          "train": (step, (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights)),
-          "uncertainty": (uncertainty, (state.params, volumes, affines, key))}
+  """{name: (jitted fn, args)}: model_cost's forward, train step and 50-pass uncertainty (one chunk), cuDNN."""
+  return build_workloads(SIZES[size], conv_impl="xla", dtype=dtype, chunk_size=NUM_SAMPLES)[3]
 
 
 def profile(dtype: str, size: str, out: Path, calls: int, top: int) -> None:
+  """Times each workload, traces `calls` calls of it, and prints the busiest device timelines' top events."""
   import jax
   for name, (fn, args) in _workloads(dtype, size).items():
     compiled = fn.lower(*args).compile()
@@ -102,7 +87,7 @@ def profile(dtype: str, size: str, out: Path, calls: int, top: int) -> None:
 
 
 def unet_per_patch(dtype: str, size: str, batches: tuple[int, ...]) -> None:
-  """One U-Net (paper size) forward on B patches: ms per call and per patch."""
+  """One U-Net of the size forward on B patches: ms per call and per patch."""
   import jax
   import jax.numpy as jnp
   from locnet_jax.unet import UNet3D

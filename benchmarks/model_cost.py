@@ -70,11 +70,12 @@ def _inputs(spec: dict):
   return volumes, affines, target
 
 
-def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: int = 10,
-             conv_impl: str = "auto", max_run_gb: float = float("inf"), dtype: str = "float32") -> dict:
+def build_workloads(spec: dict, *, conv_impl: str = "auto", dtype: str = "float32", chunk_size: int = 10):
+  """(model, train state, noise key, {workload: (jitted fn, args)}) for forward (one noisy pass; also the
+  loop's single pass), train (one Adam step) and, with several scales, uncertainty (50 samples in one call,
+  in chunks)."""
   import jax
-  import numpy as np
-  from locnet_jax import inference, losses, training, unet
+  from locnet_jax import inference, losses, training
   from locnet_jax.models import MultiScaleLocNet
 
   volumes, affines, target = _inputs(spec)
@@ -83,19 +84,28 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
   state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1) if len(spec["spacings"]) > 1 else None  # a single scale has no noise injection
-  calls, max_diff_mm = 1, None
-  if workload in ("forward", "uncertainty_loop"):
-    fn = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
-    args = (state.params, volumes, affines, key)
-    calls = NUM_SAMPLES if workload == "uncertainty_loop" else 1  # the loop: one jitted pass per sample
-  elif workload == "uncertainty":  # coarse scales once, the finest for all samples: one call, in chunks
-    fn = inference.make_uncertainty(model, num_samples=NUM_SAMPLES, chunk_size=chunk_size)
-    args = (state.params, volumes, affines, key)
+  weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
+  forward = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
+  step = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
+  workloads = {"forward": (forward, (state.params, volumes, affines, key)),
+               "train": (step, (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights))}
+  if key is not None:  # the coarse scales once, the finest for all samples: one call, in chunks
+    uncertainty = inference.make_uncertainty(model, num_samples=NUM_SAMPLES, chunk_size=chunk_size)
+    workloads["uncertainty"] = (uncertainty, (state.params, volumes, affines, key))
+  return model, state, key, workloads
 
-  else:
-    weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
-    fn = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
-    args = (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights)
+
+def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: int = 10,
+             conv_impl: str = "auto", max_run_gb: float = float("inf"), dtype: str = "float32") -> dict:
+  import jax
+  import numpy as np
+  from locnet_jax import unet
+
+  model, state, key, workloads = build_workloads(spec, conv_impl=conv_impl, dtype=dtype, chunk_size=chunk_size)
+  # the loop: one jitted single pass per sample
+  fn, args = workloads["forward" if workload == "uncertainty_loop" else workload]
+  calls = NUM_SAMPLES if workload == "uncertainty_loop" else 1
+  max_diff_mm = None
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   compiled = lowered.compile()
