@@ -2,7 +2,7 @@
 # The GPU figures of the README's performance section, as one prepared run on a device machine:
 #   OUT=<folder> benchmarks/gpu_all.sh [STEP...]    # STEPs: bf16 tf32 feed twin f32 f32base as_2d paper6 input profile (default: all)
 # Results as gpu_*.txt in $OUT (rows are written as they are measured, so a timeout keeps the finished ones).
-# Every step has its own time limit; all of them take up to ~14 minutes (2026-11-26, H100/H200: f32base ~105 s,
+# Every step has its own time limit; all of them take over 20 minutes (2026-11-26, H100/H200: f32base ~105 s,
 # bf16 ~125 s, tf32 ~105 s, feed ~80 s, profile ~120 s, the twin ~80 s) — pick steps to fit a device lease.
 # The benchmarks run convolutions channels-last (locnet_jax/xla_env.py); XLA_FLAGS=--xla_gpu_force_conv_nhwc=false
 # in the environment measures XLA's own layouts.
