@@ -15,7 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from locnet_jax import evaluation, io, train_lib, xla_env
+from locnet_jax import from_config, io, xla_env
+from locnet_jax.eval import evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
                                           lock_config=True)
@@ -28,8 +29,8 @@ def main(argv):
   xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)
   try:
-    out = evaluation.evaluate(_CONFIG.value, _WORKDIR.value)
-  except (io.DataError, train_lib.ConfigError) as e:
+    out = evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+  except (io.DataError, from_config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print((out / "results.md").read_text())

@@ -12,7 +12,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from locnet_jax import evaluation, io, train_lib
+from locnet_jax import from_config, io
+from locnet_jax.eval import restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
                                           lock_config=True)
@@ -27,10 +28,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, Path(_WORKDIR.value)
   try:
-    evaluation.check_model_config(config, workdir)
-    data = train_lib.load_data(config.data, seed=config.seed, log=lambda *_: None)
-    card = evaluation.export(config, workdir, Path(_OUT.value), example=data.val[0], notes=_NOTES.value)
-  except (io.DataError, train_lib.ConfigError) as e:
+    from_config.check_model_config(config, workdir)
+    data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
+    card = restore.export(config, workdir, Path(_OUT.value), example=data.val[0], notes=_NOTES.value)
+  except (io.DataError, from_config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"exported {card['checkpoint']} ({len(card['landmarks'])} landmarks) to {_OUT.value}")

@@ -10,15 +10,13 @@ is replaced as a whole once every prediction is written. Bad input: one line `er
 exit status 2.
 """
 
-import json
 import sys
 from pathlib import Path
 
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from locnet_jax import checkpoints, evaluation, io, pipeline, train_lib
+from locnet_jax import from_config, io
+from locnet_jax.eval import predict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6"
 _WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_MODEL),
@@ -28,36 +26,13 @@ _OUT = flags.DEFINE_string("out", "predictions", "Output folder (replaced).")
 _SAMPLES = flags.DEFINE_integer("num_noise_samples", None, "Noise samples (default: the run's eval config).")
 
 
-def predict(workdir: Path, images: list[str], out: Path, *, num_samples=None) -> list[dict]:
-  if checkpoints.is_exported(workdir):
-    config = ml_collections.ConfigDict(json.loads((workdir / checkpoints.EXPORT_META).read_text())["config"])
-  else:
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-      raise io.DataError(config_path, "no such file: is this a training workdir or an exported model?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  settings = train_lib.preprocess_settings(config.data)
-  examples = []
-  for image in images:
-    path = Path(image)
-    case_id = path.name.split(".")[0]
-    pyramid = pipeline.compute_pyramid(path, settings)
-    examples.append(pipeline.Example(case_id, pyramid, np.zeros((0, 3))))  # no ground truth
-  trained = evaluation.restore(config, workdir, example=examples[0])
-  samples = config.eval.num_noise_samples if num_samples is None else num_samples
-  predictions = evaluation.predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
-                                         seed=config.seed)
-  evaluation.replace_folder(out, lambda folder: evaluation.write_predictions(folder, predictions, trained.names))
-  return predictions
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   try:
-    predictions = predict(Path(_WORKDIR.value), _IMAGES.value, Path(_OUT.value), num_samples=_SAMPLES.value)
-  except (io.DataError, train_lib.ConfigError) as e:
+    predictions = predict.predict_images(Path(_WORKDIR.value), _IMAGES.value, Path(_OUT.value), num_samples=_SAMPLES.value)
+  except (io.DataError, from_config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   for p in predictions:

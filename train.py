@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from locnet_jax import io, train_lib, xla_env
+from locnet_jax import from_config, io, xla_env
+from locnet_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "Training configuration.",
                                           lock_config=True)
@@ -27,11 +28,11 @@ def main(argv):
   xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
-    summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (io.DataError, train_lib.ConfigError) as e:  # bad input or settings: one line, no traceback
+    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (io.DataError, from_config.ConfigError) as e:  # bad input or settings: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except train_lib.TrainingDiverged as e:
+  except loop.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
   print(f"done: best checkpoint {summary['best_checkpoint']} (epoch {summary['best_epoch'] + 1}), validation "

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import timed  # noqa: E402
+from timing import timed
 
 # (batch, edge, C_in, C_out): the demo U-Net (24^3 patches, 8 base channels, 6 landmarks) and the paper's
 # (56^3 patches, 16 base channels, 2 landmarks), one layer per level
@@ -29,7 +29,7 @@ SHAPES = ((6, 24, 8, 8), (6, 12, 16, 16), (6, 6, 32, 32), (2, 56, 1, 16), (2, 56
 def main() -> None:
   import jax
 
-  from locnet_jax import ops
+  from locnet_jax.model import ops
 
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--warmup", type=int, default=2)

@@ -6,7 +6,7 @@
 Random pyramids of --cases cases (the sizes of model_cost.py), batch 1, noise on. Rows, each the median
 of --repeats steps after --warmup, ended with block_until_ready:
   step only            the jitted training step on a batch already on the device (the ceiling);
-  resident + device    `resident.ResidentData` gather + `device_augment.augment_batch` + step: what
+  resident + device    `resident.ResidentData` gather + `augment_device.augment_batch` + step: what
                        `train.data_on="device", augment_on="device"` runs (no host work per step);
   host batch + device  a collated NumPy batch copied to the device each step + device augmentation +
                        step (`augment_on="device"` with the host loader; its reading and collating,
@@ -23,14 +23,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from locnet_jax import xla_env  # noqa: E402
-xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
-import jax  # noqa: E402
+from locnet_jax import xla_env
 
-import model_cost  # noqa: E402
-from timing import timed  # noqa: E402
-from locnet_jax import augment, device_augment, losses, parallel, pipeline, preprocess, resident, training  # noqa: E402
-from locnet_jax.models import MultiScaleLocNet  # noqa: E402
+xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
+import jax
+import model_cost
+from timing import timed
+
+from locnet_jax import parallel
+from locnet_jax.data import augment_device, augment_host, loader, preprocess, resident
+from locnet_jax.model import losses
+from locnet_jax.model.locnet import MultiScaleLocNet
+from locnet_jax.train import steps
 
 
 def main():
@@ -43,19 +47,19 @@ def main():
   spec = model_cost.SIZES[args.size]
   volumes, affines, target = model_cost._inputs(spec)
   rng = np.random.default_rng(0)
-  examples = [pipeline.Example(f"c{i}", preprocess.Pyramid(
+  examples = [loader.Example(f"c{i}", preprocess.Pyramid(
       tuple(rng.uniform(0, 1, v.shape[1:]).astype(np.float16).astype(np.float32) for v in volumes),
       tuple(np.asarray(a[0]) for a in affines)), np.asarray(target[0])) for i in range(args.cases)]
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]), patch_shape=(spec["patch"],) * 3,
                            unet={**spec["unet"], "norm": "instance"})
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
-  step = jax.jit(lambda s, b, k: training.train_step(s, b, k, weights=weights))
-  aug = jax.jit(functools.partial(device_augment.augment_batch, settings=augment.AugmentSettings()))
+  step = jax.jit(lambda s, b, k: steps.train_step(s, b, k, weights=weights))
+  aug = jax.jit(functools.partial(augment_device.augment_batch, settings=augment_host.AugmentSettings()))
   mesh = parallel.data_mesh(batch_size=1)
   data = resident.ResidentData(examples, batch_size=1, seed=0, mesh=mesh)
-  host_batch = pipeline.collate(examples[:1])
+  host_batch = loader.collate(examples[:1])
   device_batch = parallel.shard_batch(host_batch, mesh)
   key = jax.random.key(1)
   holder = {"state": state, "i": 0}

@@ -19,9 +19,12 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from locnet_jax import xla_env  # noqa: E402
+from locnet_jax import dataset, xla_env
+
 xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
-from locnet_jax import checkpoints, evaluation, io, train_lib  # noqa: E402
+from locnet_jax import from_config
+from locnet_jax.eval import predict, restore
+from locnet_jax.train import checkpoints
 
 
 def main():
@@ -34,15 +37,15 @@ def main():
   meta = (workdir / checkpoints.EXPORT_META) if checkpoints.is_exported(workdir) else workdir / "config.json"
   saved = json.loads(meta.read_text())
   config = ml_collections.ConfigDict(saved.get("config", saved))
-  manifest = io.load_manifest(train_lib.manifest_path(config.data, seed=config.seed))
-  cache = Path(config.data.cache_dir) if config.data.cache_dir else manifest.path.parent / ".locnet_cache"
-  examples = evaluation._load_split(manifest, args.split, train_lib.preprocess_settings(config.data), cache)
+  manifest = dataset.load_manifest(from_config.manifest_path(config.data, seed=config.seed))
+  cache = from_config.cache_dir(config.data, manifest)
+  examples = from_config.load_split(manifest, args.split, from_config.preprocess_settings(config.data), cache)
   truth = np.stack([e.target_mm for e in examples])  # (N, K, 3)
   finest = {}
   for dtype in ("float32", "bfloat16"):
     config.model.unet.dtype = dtype
-    trained = evaluation.restore(config, workdir, example=examples[0])
-    predictions = evaluation.predict_cases(trained, examples, num_samples=args.num_samples,
+    trained = restore.restore(config, workdir, example=examples[0])
+    predictions = predict.predict_cases(trained, examples, num_samples=args.num_samples,
                                            chunk_size=config.eval.chunk_size, seed=config.seed)
     finest[dtype] = np.stack([p["mean_mm"] if p["mean_mm"] is not None else p["pred_mm"][-1] for p in predictions])
     error = np.linalg.norm(finest[dtype] - truth, axis=-1)

@@ -26,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.model_cost import NUM_SAMPLES, SIZES, build_workloads  # noqa: E402
-from benchmarks.timing import timed  # noqa: E402
-
+from benchmarks.model_cost import NUM_SAMPLES, SIZES, build_workloads
+from benchmarks.timing import timed
 
 CONV_WORDS = ("conv", "xmma", "implicit", "fprop", "dgrad", "wgrad", "cudnn", "cutlass", "gemm", "sm90", "sm80")
 
@@ -90,7 +89,8 @@ def unet_per_patch(dtype: str, size: str, batches: tuple[int, ...]) -> None:
   """One U-Net of the size forward on B patches: ms per call and per patch."""
   import jax
   import jax.numpy as jnp
-  from locnet_jax.unet import UNet3D
+
+  from locnet_jax.model.unet import UNet3D
   spec = SIZES[size]
   net = UNet3D(out_channels=spec["num_landmarks"], conv_impl="xla", dtype=dtype, **spec["unet"])
   shape = (spec["patch"],) * 3

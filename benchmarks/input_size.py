@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import model_cost  # noqa: E402
+import model_cost
 
 FOV_MM = 224.0
 

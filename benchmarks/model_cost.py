@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from locnet_jax import xla_env  # noqa: E402
+from locnet_jax import xla_env
+
 xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
 
 SIZES = {
@@ -75,18 +76,20 @@ def build_workloads(spec: dict, *, conv_impl: str = "auto", dtype: str = "float3
   loop's single pass), train (one Adam step) and, with several scales, uncertainty (50 samples in one call,
   in chunks)."""
   import jax
-  from locnet_jax import inference, losses, training
-  from locnet_jax.models import MultiScaleLocNet
+
+  from locnet_jax.model import inference, losses
+  from locnet_jax.model.locnet import MultiScaleLocNet
+  from locnet_jax.train import steps
 
   volumes, affines, target = _inputs(spec)
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
                            patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl, "dtype": dtype})
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1) if len(spec["spacings"]) > 1 else None  # a single scale has no noise injection
   weights = losses.loss_weights(250, num_epochs=500, num_scales=len(spec["spacings"]))
   forward = jax.jit(lambda p, v, a, k: model.apply({"params": p}, v, a, noise_key=k)["pred_mm"])
-  step = jax.jit(lambda s, b, k, w: training.train_step(s, b, k, weights=w))
+  step = jax.jit(lambda s, b, k, w: steps.train_step(s, b, k, weights=w))
   workloads = {"forward": (forward, (state.params, volumes, affines, key)),
                "train": (step, (state, {"volumes": volumes, "affines": affines, "target_mm": target}, key, weights))}
   if key is not None:  # the coarse scales once, the finest for all samples: one call, in chunks
@@ -99,7 +102,8 @@ def _measure(workload: str, spec: dict, warmup: int, repeats: int, chunk_size: i
              conv_impl: str = "auto", max_run_gb: float = float("inf"), dtype: str = "float32") -> dict:
   import jax
   import numpy as np
-  from locnet_jax import unet
+
+  from locnet_jax.model import unet
 
   model, state, key, workloads = build_workloads(spec, conv_impl=conv_impl, dtype=dtype, chunk_size=chunk_size)
   # the loop: one jitted single pass per sample

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from locnet_jax.models import LocNet  # noqa: E402
+from locnet_jax.model.locnet import LocNet
 
 SHIFTS = [(1, 0, 0), (2, 0, 0), (3, 0, 0), (4, 0, 0), (1, 2, 3), (-2, -3, -1), (3, -1, 2), (4, -4, 4),
           (2, -2, 2)]

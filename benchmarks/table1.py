@@ -69,7 +69,8 @@ def main() -> None:
 
 
 def _gather(args, rows) -> None:
-  from locnet_jax import figures, io
+  from locnet_jax import io
+  from locnet_jax.eval import figures
 
   build_info = json.loads((ROOT / "data" / "afids" / "build_info.json").read_text())
   baseline = build_info["constant_baseline_test"]
@@ -78,7 +79,7 @@ def _gather(args, rows) -> None:
            "|---|---|---|---|---|---|---|",
            f"| constant baseline (mean training position) | {baseline['mean_mm']:.2f} ± {baseline['std_mm']:.2f} | "
            f"{baseline['median_mm']:.2f} | – | – | – | – |"]
-  from locnet_jax.datasets import afids
+  from locnet_jax.data import afids
   try:  # the human floor: each expert vs the consensus, moved like the test cases (needs ../shared)
     raters = afids.rater_errors(ROOT / "data" / "afids", split="test")
   except (FileNotFoundError, ValueError) as e:
@@ -151,7 +152,7 @@ def _paired_tests(results: dict) -> list[str]:
 
 def _per_landmark_table(results: dict, raters: dict) -> list[str]:
   """Mean radial error per landmark and method, the raters' mean, and the template's local contrast."""
-  from locnet_jax.datasets import afids
+  from locnet_jax.data import afids
   if not results:
     return []
   names = next(iter(results.values()))["landmarks"]

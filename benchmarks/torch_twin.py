@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from locnet_jax import xla_env  # noqa: E402
+from locnet_jax import xla_env
+
 xla_env.prefer_channels_last_convolutions()  # as train.py and evaluate.py do: GPU convolutions in NDHWC
 
 NUM_SAMPLES = 50
@@ -194,11 +195,12 @@ class TwinMultiScale(torch.nn.Module):
 
 def main() -> None:
   import jax
-
   import model_cost
   from timing import timed
-  from locnet_jax import inference, losses, training
-  from locnet_jax.models import MultiScaleLocNet
+
+  from locnet_jax.model import inference, losses
+  from locnet_jax.model.locnet import MultiScaleLocNet
+  from locnet_jax.train import steps
 
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=("demo", "paper", "paper6"), default="demo")
@@ -219,7 +221,7 @@ def main() -> None:
   models = {impl: MultiScaleLocNet(k, num_scales=num_scales, patch_shape=(spec["patch"],) * 3,
                                    unet=dict(spec["unet"], norm="instance", conv_impl=impl)) for impl in impls}
   model = models[impls[0]]
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   twin = TwinMultiScale(num_landmarks=k, num_scales=num_scales, patch=spec["patch"],
                         unet=dict(depth=spec["unet"]["depth"], base_channels=spec["unet"]["base_channels"]))
@@ -268,7 +270,7 @@ def main() -> None:
 
   def jax_workloads(m):
     predict = jax.jit(lambda p, v, a, kk: m.apply({"params": p}, v, a, noise_key=kk)["pred_mm"])
-    step = jax.jit(lambda s, kk: training.train_step(s, batch, kk, weights=weights))
+    step = jax.jit(lambda s, kk: steps.train_step(s, batch, kk, weights=weights))
     sample = inference.make_uncertainty(m, num_samples=NUM_SAMPLES, chunk_size=args.chunk)
     holder = {"state": state.replace(apply_fn=m.apply)}
 

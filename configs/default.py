@@ -14,8 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # one root seed: parameters, noise injection and data order all derive from it
 
   config.data = data = ml_collections.ConfigDict()
-  # "synthetic": blob images made in memory (locnet_jax/synthetic.py); "manifest": the data set at
-  # data.manifest (DATA_FORMAT.md); "afids": the AFIDs benchmark in data.afids_dir, built there if absent
+  # "synthetic": blob images made in memory (locnet_jax/data/synthetic.py); "manifest": the data set at
+  # data.manifest (docs/data_format.md); "afids": the AFIDs benchmark in data.afids_dir, built there if absent
   data.source = "afids"
   data.manifest = ""  # path of a dataset.json (or its folder), for source "manifest"
   data.afids_dir = "data/afids"  # for source "afids" (the default: no data set named -> AFIDs)
@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 2 epochs with 1); the arg-max prediction does not depend on the scale
   model.heatmap_peak = 100.0
   # "multiscale": independent U-Net calls the finer scales' patches are split into (speed only, same function):
-  # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/models.py resolve_patch_groups)
+  # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/model/locnet.py resolve_patch_groups)
   model.patch_groups = 0
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   unet.upsample = "nearest"  # "nearest", "linear" or "transpose"
   unet.head_bias_init = 0.0  # initial bias of the heatmap layer
   # "auto" (2-D-slice convolutions on CPU, lax's 3-D ones elsewhere), "xla" or "as_2d": speed only,
-  # same parameters and function (see locnet_jax/unet.py and benchmarks/conv_impl.py)
+  # same parameters and function (see locnet_jax/model/unet.py and benchmarks/conv_impl.py)
   unet.conv_impl = "auto"
   # compute dtype, "float32" or "bfloat16" (GPU tensor cores; parameters and heatmaps stay float32).
   # bfloat16 on XLA:CPU is slower than float32; measured on GPU in README "Performance"
@@ -76,10 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
   train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
   # where augmentation runs: "host" (the loader's workers, scipy; elastic possible), "device" (in JAX on the
-  # accelerator, locnet_jax/device_augment.py: a GPU fed at paper size), "auto" (host on CPUs, else device)
+  # accelerator, locnet_jax/data/augment_device.py: a GPU fed at paper size), "auto" (host on CPUs, else device)
   train.augment_on = "auto"
   # where the training set lives: "host" (the loader reads the cache each step), "device" (all of it on the
-  # device, float16 for cached data, batches gathered there: no host work per step; locnet_jax/resident.py;
+  # device, float16 for cached data, batches gathered there: no host work per step; locnet_jax/data/resident.py;
   # needs augment_on="device" or augment=False), "auto" (device on an accelerator when augmentation is on
   # the device and the set takes at most half its memory, else host)
   train.data_on = "auto"

@@ -5,7 +5,7 @@ which predicts each landmark at its heatmap's largest voxel.
     python train.py --config=configs/heatmap_unet.py:demo --workdir=workdirs/heatmap_demo   # 2 CPU cores
 
 Same grid as configs/single_scale.py (paper 224^3 at 1 mm; "demo" 64^3 at 4 mm), the same U-Net as the
-multi-scale nets, L2 loss on the heatmaps (training.heatmap_train_step);
+multi-scale nets, L2 loss on the heatmaps (train.steps.heatmap_train_step);
 target blobs of height 100 (`model.heatmap_peak`: with 1 the output collapses to zero, measured).
 
 Measured on 2 CPU cores (demo, 10 epochs, seed 0; `python benchmarks/table1.py --variant demo --epochs 10`):

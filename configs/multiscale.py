@@ -5,7 +5,7 @@ the loss-weight schedule, +-5 mm noise injection, trained end to end (Table 1, l
     python train.py --config=configs/multiscale.py:demo --workdir=workdirs/demo         # 2 CPU cores
 
 With no data set named, both train on the AFIDs benchmark (6 landmarks: AC, PC, GENU, SPLE, RLVAC,
-LLVAC), built in data/afids on first use from ../shared or the PyPI wheel (locnet_jax/datasets/afids.py).
+LLVAC), built in data/afids on first use from ../shared or the PyPI wheel (locnet_jax.data.afids.py).
 
 Variants (the sizes; every other Table-1 config derives from these):
   ""              paper size: 448^3 at 0.5 mm (224 mm field of view), 4 scales, 500 epochs of 48 volumes.

@@ -1,4 +1,4 @@
-"""Reading and writing what users hand us: NIfTI volumes, 3D Slicer landmark files, the data set manifest.
+"""Reading and writing what users hand us: NIfTI volumes and 3D Slicer landmark files (the manifest: `dataset`).
 
 Frames: every volume comes with its voxel->RAS `affine` (nibabel's ``img.affine``); every landmark
 array is ``(K, 3)`` RAS mm with NaN rows for missing landmarks, ordered like the names asked for.
@@ -26,7 +26,6 @@ import numpy as np
 
 from locnet_jax import geometry
 
-SPLITS = ("train", "val", "test")
 FCSV_COLUMNS = ("id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
                 "associatedNodeID")
 MRK_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
@@ -334,7 +333,7 @@ PREDICTION_COLUMNS = ("case_id", "label", "x", "y", "z", "std_x", "std_y", "std_
 
 
 def write_predictions_csv(path, rows: Sequence[dict]) -> None:
-  """The predictions CSV of DATA_FORMAT.md: one row per (case, landmark), RAS mm; NaN written as empty."""
+  """The predictions CSV of docs/data_format.md: one row per (case, landmark), RAS mm; NaN written as empty."""
   out = _io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(PREDICTION_COLUMNS)
@@ -346,76 +345,3 @@ def write_predictions_csv(path, rows: Sequence[dict]) -> None:
           v, (float, np.floating)) else v))
     writer.writerow(values)
   atomic_write(path, out.getvalue())
-
-
-# ---------------------------------------------------------------- manifest
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-  id: str
-  image: Path  # absolute
-  landmarks: Path | None  # absolute, None for cases without annotations
-  split: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-  path: Path
-  name: str
-  landmarks: tuple[str, ...]
-  cases: tuple[Case, ...]
-
-  def split(self, split: str) -> tuple[Case, ...]:
-    """The cases of one split; an empty split is an error."""
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    cases = tuple(c for c in self.cases if c.split == split)
-    if not cases:
-      raise DataError(self.path, f"the {split!r} split has no cases")
-    return cases
-
-
-def load_manifest(path) -> Manifest:
-  """Reads and validates a `dataset.json` (DATA_FORMAT.md); paths become absolute, files must exist."""
-  path = Path(path).resolve()
-  if path.is_dir():
-    path = path / "dataset.json"
-  if not path.is_file():
-    raise DataError(path, "no such file")
-  try:
-    doc = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(path, f"malformed JSON ({e})") from None
-  if not isinstance(doc, dict):
-    raise DataError(path, "the manifest must be a JSON object")
-  names = doc.get("landmarks")
-  if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-    raise DataError(path, "'landmarks' must be a non-empty list of landmark names")
-  if len(set(names)) != len(names):
-    raise DataError(path, f"'landmarks' repeats names: {sorted({n for n in names if names.count(n) > 1})}")
-  cases = doc.get("cases")
-  if not isinstance(cases, list) or not cases:
-    raise DataError(path, "'cases' must be a non-empty list")
-  out, ids = [], set()
-  for i, case in enumerate(cases):
-    if not isinstance(case, dict) or not isinstance(case.get("id"), str) or not isinstance(case.get("image"), str):
-      raise DataError(path, f"case {i} needs string 'id' and 'image' fields")
-    if case["id"] in ids:
-      raise DataError(path, f"case id {case['id']!r} appears more than once")
-    ids.add(case["id"])
-    split = case.get("split", "train")
-    if split not in SPLITS:
-      raise DataError(path, f"case {case['id']!r} has split {split!r}; expected one of {SPLITS}")
-    image = (path.parent / case["image"]).resolve()
-    if not image.is_file():
-      raise DataError(path, f"case {case['id']!r}: image file {case['image']!r} does not exist")
-    landmarks = case.get("landmarks")
-    if landmarks is not None:
-      if not isinstance(landmarks, str):
-        raise DataError(path, f"case {case['id']!r}: 'landmarks' must be a path")
-      landmarks = (path.parent / landmarks).resolve()
-      if not landmarks.is_file():
-        raise DataError(path, f"case {case['id']!r}: landmark file {case['landmarks']!r} does not exist")
-    out.append(Case(id=case["id"], image=image, landmarks=landmarks, split=split))
-  return Manifest(path=path, name=str(doc.get("name", path.parent.name)), landmarks=tuple(names),
-                  cases=tuple(out))

@@ -1,11 +1,11 @@
 """XLA settings the entry points apply before JAX starts its backend (XLA reads XLA_FLAGS then, once).
 
 Channels-last convolutions on GPUs: left to itself, XLA lays the U-Nets' 3-D convolutions out as NCDHW
-and cuDNN converts every operand to NDHWC and back around each call (the nchwToNhwc / nhwcToNchw kernels:
-26-32 % of the device time of the paper-size model on an H200, `benchmarks/results/h200_profile.txt`).
-`--xla_gpu_force_conv_nhwc=true` keeps them channels-last: forward 5.0 -> 3.7 ms, training step 23.2 ->
-18.1 ms, 50-pass uncertainty 47.8 -> 34.8 ms in float32 (bfloat16: 4.6 -> 3.1, 17.3 -> 12.3, 42.3 ->
-28.4 ms; `h200_profile_nhwc.txt`). The flag is a GPU option; CPUs ignore it. A layout named in XLA_FLAGS
+and cuDNN converts every operand to NDHWC and back around each call (the nchwToNhwc / nhwcToNchw kernels
+take a quarter or more of the device time: `benchmarks/results/h200_profile.txt`).
+`--xla_gpu_force_conv_nhwc=true` keeps them channels-last, which is faster for every workload measured
+(forward, training step, 50-pass uncertainty; docs/performance.md, `h200_profile_nhwc.txt`). The flag is
+a GPU option; CPUs ignore it. A layout named in XLA_FLAGS
 by the user (either force flag) is left as it is: `XLA_FLAGS=--xla_gpu_force_conv_nhwc=false` restores
 XLA's own choice.
 """

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from locnet_jax import geometry, io
-from locnet_jax.datasets import afids
+from locnet_jax import dataset, geometry, io
+from locnet_jax.data import afids
 
 SHARED = afids.DEFAULT_SOURCE
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/afids is not beside this checkout")
@@ -39,14 +39,14 @@ def test_the_data_set_is_the_same_for_any_worker_count(built, tmp_path):
                        workers=0, log=lambda *_: None)
   assert serial.read_text() == manifest_path.read_text()
   assert (tmp_path / "build_info.json").read_text() == (out / "build_info.json").read_text()
-  for a, b in zip(io.load_manifest(manifest_path).cases, io.load_manifest(serial).cases):
+  for a, b in zip(dataset.load_manifest(manifest_path).cases, dataset.load_manifest(serial).cases):
     np.testing.assert_array_equal(io.load_volume(a.image).data, io.load_volume(b.image).data)
     np.testing.assert_array_equal(io.load_landmarks(a.landmarks, LANDMARKS), io.load_landmarks(b.landmarks, LANDMARKS))
 
 
 def test_image_and_landmarks_are_moved_by_the_same_transform(built):
   out, manifest_path = built
-  manifest = io.load_manifest(manifest_path)
+  manifest = dataset.load_manifest(manifest_path)
   info = json.loads((out / "build_info.json").read_text())
   files = afids.read_source_files(source=SHARED)
   template = afids.load_template(files["T1w"])
@@ -68,7 +68,7 @@ def test_image_and_landmarks_are_moved_by_the_same_transform(built):
 
 def test_cases_differ_and_are_stored_in_varied_orientations_and_formats(built):
   out, manifest_path = built
-  manifest = io.load_manifest(manifest_path)
+  manifest = dataset.load_manifest(manifest_path)
   suffixes = {c.landmarks.name.split(".", 1)[1] for c in manifest.cases}
   assert suffixes == {"mrk.json", "fcsv"}
   assert "LPS" in (out / "landmarks" / "case000.mrk.json").read_text()
@@ -136,7 +136,7 @@ def test_builder_runs_from_the_real_pypi_wheel(tmp_path):
   manifest = afids.build(tmp_path / "set", num_train=1, num_val=0, num_test=1, seed=0, landmarks=("AC", "PC"),
                          source="wheel", cache_dir=tmp_path / "cache", log=lambda *_: None)
   assert len(list((tmp_path / "cache").glob("autoafids-0.1.4-*.whl"))) == 1
-  assert io.load_manifest(manifest).landmarks == ("AC", "PC")
+  assert dataset.load_manifest(manifest).landmarks == ("AC", "PC")
 
 
 @pytest.mark.parametrize("kwargs, message", [

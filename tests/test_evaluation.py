@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import evaluation, geometry, io, metrics, pipeline
-from locnet_jax.models import MultiScaleLocNet
+from locnet_jax import dataset, from_config, geometry, io
+from locnet_jax.data import loader
+from locnet_jax.eval import metrics, predict, restore, scoring
+from locnet_jax.model.locnet import MultiScaleLocNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH_MM = np.array([[6.3, -4.1, 3.7], [-5.2, 5.5, -2.4]])  # a bright blob (A) and a dark blob (B), RAS mm
@@ -48,16 +50,16 @@ def _identity_params(num_scales):
 
 def test_a_prediction_for_an_lps_stored_oblique_image_reads_back_at_the_truth_in_ras(tmp_path):
   image = _oblique_lps_case(tmp_path)
-  settings = pipeline.PreprocessSettings(spacings_mm=(2.0, 1.0), finest_size=48, intensity="none")
-  example = pipeline.Example("scan", pipeline.compute_pyramid(image, settings), TRUTH_MM)
+  settings = loader.PreprocessSettings(spacings_mm=(2.0, 1.0), finest_size=48, intensity="none")
+  example = loader.Example("scan", loader.compute_pyramid(image, settings), TRUTH_MM)
   model = MultiScaleLocNet(2, num_scales=2, patch_shape=(16, 16, 16), noise_mm=1.0,
                            unet=dict(depth=0, base_channels=2, norm="none"))
   params = _identity_params(2)
-  model.init(jax.random.key(0), pipeline.collate([example])["volumes"], pipeline.collate([example])["affines"])
-  trained = evaluation.Trained(model, params, ("A", "B"), tmp_path, {})
-  predictions = evaluation.predict_cases(trained, [example], num_samples=6, chunk_size=4, seed=0)
+  model.init(jax.random.key(0), loader.collate([example])["volumes"], loader.collate([example])["affines"])
+  trained = restore.Trained(model, params, ("A", "B"), tmp_path, {})
+  predictions = predict.predict_cases(trained, [example], num_samples=6, chunk_size=4, seed=0)
   np.testing.assert_allclose(predictions[0]["mean_mm"], TRUTH_MM, atol=0.3)  # the blobs' world centres
-  evaluation.write_predictions(tmp_path / "out", predictions, trained.names)
+  predict.write_predictions(tmp_path / "out", predictions, trained.names)
   stored = json.loads((tmp_path / "out" / "scan.mrk.json").read_text())
   assert stored["markups"][0]["coordinateSystem"] == "LPS"
   np.testing.assert_allclose(stored["markups"][0]["controlPoints"][0]["position"], predictions[0]["mean_mm"][0] * [-1, -1, 1],
@@ -80,11 +82,11 @@ def _prediction(case_id, mean, std, det):
 def test_scores_match_landmarks_by_name_and_count_missing_truths():
   model_names, data_names = ("A", "B", "C"), ("C", "X", "A")
   truth = [np.array([[2.0, 0, 0], [9, 9, 9], [0, 0, 0]]), np.array([[np.nan] * 3, [9, 9, 9], [0, 0, 0]])]
-  examples = [pipeline.Example(f"c{i}", None, t) for i, t in enumerate(truth)]
+  examples = [loader.Example(f"c{i}", None, t) for i, t in enumerate(truth)]
   mean = np.array([[0.0, 0, 0], [5, 5, 5], [1, 0, 0]])  # A at 0, C at (1, 0, 0)
   std = np.array([[1.0, 1, 1], [1, 1, 1], [0.1, 0.1, 0.1]])
   predictions = [_prediction("c0", mean, std, mean), _prediction("c1", mean + [[0, 0, 3]] * 1, std, mean)]
-  results = evaluation.score(predictions, examples, model_names=model_names, data_names=data_names)
+  results = scoring.score(predictions, examples, model_names=model_names, data_names=data_names)
   assert results["landmarks"] == ["A", "C"] and results["not_scored"] == ["B"]
   # A: truth (0,0,0) vs 0 in c0, 3 in c1; C: truth (2,0,0) -> 1 in c0, missing in c1
   assert results["per_landmark"]["A"]["mean_mm"] == pytest.approx(1.5)
@@ -94,19 +96,19 @@ def test_scores_match_landmarks_by_name_and_count_missing_truths():
   assert results["uncertainty"]["coverage"] == pytest.approx(1 / 3)
   assert results["per_case"][1]["error_mm"] == [3.0, None]
   assert results["per_scale"][1]["mean_mm"] == pytest.approx((0 + 0 + 1) / 3)  # the deterministic finest pass
-  table = evaluation.results_markdown(results, title="t")
+  table = scoring.results_markdown(results, title="t")
   assert "| **all landmarks** | 3 | 1.33 ± 1.25 |" in table and "not scored): B" in table
-  with pytest.raises(evaluation.train_lib.ConfigError, match="share no name"):
-    evaluation.score(predictions, examples, model_names=model_names, data_names=("X", "Y", "Z"))
+  with pytest.raises(from_config.ConfigError, match="share no name"):
+    scoring.score(predictions, examples, model_names=model_names, data_names=("X", "Y", "Z"))
   # calibration fitted on these same cases: z = (0, 3, 10) -> 10 / sqrt(chi2_3(0.9)) covers all three
-  scale = evaluation.calibration(predictions, examples, model_names=model_names, data_names=data_names)
+  scale = scoring.calibration(predictions, examples, model_names=model_names, data_names=data_names)
   assert scale == pytest.approx(10 / np.sqrt(metrics.CHI2_3))
   fitted = {"split": "val", "cases": 2, "scale": scale}
-  calibrated = evaluation.score(predictions, examples, model_names=model_names, data_names=data_names,
+  calibrated = scoring.score(predictions, examples, model_names=model_names, data_names=data_names,
                                 calibration=fitted)
   assert calibrated["calibration"] == fitted and calibrated["uncertainty_calibrated"]["coverage"] == pytest.approx(1.0)
   assert calibrated["uncertainty"] == results["uncertainty"]  # the raw figures stay
-  assert "Calibrated on the 2 val cases" in evaluation.results_markdown(calibrated, title="t")
+  assert "Calibrated on the 2 val cases" in scoring.results_markdown(calibrated, title="t")
 
 
 def test_evaluation_may_change_the_compute_dtype_but_not_the_model(tmp_path):
@@ -115,24 +117,24 @@ def test_evaluation_may_change_the_compute_dtype_but_not_the_model(tmp_path):
   (tmp_path / "config.json").write_text(trained.to_json_best_effort())
   config = multiscale.get_config("synthetic_demo")
   config.model.unet.dtype = "bfloat16"  # same parameters, another compute dtype: allowed
-  evaluation.check_model_config(config, tmp_path)
+  from_config.check_model_config(config, tmp_path)
   config.model.unet.base_channels += 1
-  with pytest.raises(evaluation.train_lib.ConfigError, match=r"another model or pyramid \(model.unet.base_channels"):
-    evaluation.check_model_config(config, tmp_path)
+  with pytest.raises(from_config.ConfigError, match=r"another model or pyramid \(model.unet.base_channels"):
+    from_config.check_model_config(config, tmp_path)
 
 
 def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
   out = tmp_path / "eval"
-  evaluation.replace_folder(out, lambda f: (f / "old.txt").write_text("old"))
+  predict.replace_folder(out, lambda f: (f / "old.txt").write_text("old"))
 
   def crash(folder):
     (folder / "new.txt").write_text("half")
     raise OSError("disk full")
 
   with pytest.raises(OSError, match="disk full"):
-    evaluation.replace_folder(out, crash)
+    predict.replace_folder(out, crash)
   assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-  evaluation.replace_folder(out, lambda f: (f / "new.txt").write_text("new"))
+  predict.replace_folder(out, lambda f: (f / "new.txt").write_text("new"))
   assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # nothing old mixed in
   assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folders left
 
@@ -222,14 +224,14 @@ def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):
 
 
 def test_the_shipped_model_finds_the_afids_on_a_new_warped_brain(tmp_path):
-  from locnet_jax.datasets import afids
+  from locnet_jax.data import afids
   if not afids.DEFAULT_SOURCE.is_dir():
     pytest.skip("../shared/data/afids is not beside this checkout")
   card = json.loads((ROOT / "pretrained" / "afids6" / "model.json").read_text())
   # a case the model never saw: another seed than its data set's
   afids.build(tmp_path / "set", num_train=1, num_val=0, num_test=1, seed=12345, landmarks=tuple(card["landmarks"]),
               workers=0, log=lambda *_: None)
-  case = io.load_manifest(tmp_path / "set" / "dataset.json").split("test")[0]
+  case = dataset.load_manifest(tmp_path / "set" / "dataset.json").split("test")[0]
   done = subprocess.run([sys.executable, "predict.py", f"--image={case.image}", f"--out={tmp_path / 'pred'}",
                          "--num_noise_samples=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, io
+from locnet_jax import dataset, geometry, io
 
 NAMES = ["AC", "PC", "ICS", "RLVAC"]
 
@@ -187,13 +187,13 @@ def _dataset(tmp_path, cases=None, landmarks=("AC", "PC")):
 
 
 def test_manifest_resolves_paths_and_default_split(tmp_path):
-  manifest = io.load_manifest(_dataset(tmp_path))
+  manifest = dataset.load_manifest(_dataset(tmp_path))
   assert manifest.landmarks == ("AC", "PC") and manifest.name == "t"
   assert [c.split for c in manifest.cases] == ["train", "test", "train"]
   assert manifest.cases[0].image == (tmp_path / "images" / "c0.nii.gz").resolve()
   assert manifest.cases[1].landmarks is None
   assert [c.id for c in manifest.split("train")] == ["c0", "c2"]
-  assert io.load_manifest(tmp_path) == manifest  # a folder means its dataset.json
+  assert dataset.load_manifest(tmp_path) == manifest  # a folder means its dataset.json
 
 
 # ---------------------------------------------------------------- bad input: one table
@@ -317,7 +317,7 @@ def test_bad_input_raises_one_clear_error_naming_the_file(tmp_path, what, kind, 
     run = lambda: io.load_landmarks(path, ["AC", "PC"])  # noqa: E731
   else:
     path = _bad_manifest(tmp_path, kind)
-    run = lambda: io.load_manifest(path)  # noqa: E731
+    run = lambda: dataset.load_manifest(path)  # noqa: E731
   with pytest.raises(io.DataError, match=message) as error:
     run()
   assert str(path.name) in str(error.value) or "dataset.json" in str(error.value)
@@ -325,7 +325,7 @@ def test_bad_input_raises_one_clear_error_naming_the_file(tmp_path, what, kind, 
 
 
 def test_empty_split_is_an_error(tmp_path):
-  manifest = io.load_manifest(_dataset(tmp_path))
+  manifest = dataset.load_manifest(_dataset(tmp_path))
   with pytest.raises(io.DataError, match="'val' split has no cases"):
     manifest.split("val")
 

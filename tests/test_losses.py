@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from locnet_jax import geometry, losses, ops
+from locnet_jax import geometry
+from locnet_jax.model import losses, ops
 
 
 @pytest.mark.parametrize("epoch, expected", [

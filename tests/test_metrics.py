@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from locnet_jax import inference, metrics
-from locnet_jax.models import MultiScaleLocNet
+from locnet_jax.eval import metrics
+from locnet_jax.model import inference
+from locnet_jax.model.locnet import MultiScaleLocNet
 
 
 def test_radial_errors_and_their_summary_by_hand():

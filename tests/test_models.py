@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, losses
-from locnet_jax.models import HeatmapUNet, LocNet, MultiScaleLocNet, single_scale_locnet
+from locnet_jax import geometry
+from locnet_jax.model import losses
+from locnet_jax.model.locnet import HeatmapUNet, LocNet, MultiScaleLocNet, single_scale_locnet
 
 TINY_UNET = dict(depth=1, base_channels=4)
 
@@ -228,7 +229,7 @@ def test_single_scale_locnet_adds_one_level_and_predicts_in_mm():
   assert out["pred_mm"].shape == (2, 1, 3, 3)
   _, intermediates = model.apply(params, [volume], [affine], mutable="intermediates")
   heatmap = intermediates["intermediates"]["heatmap0"][0]
-  from locnet_jax import ops
+  from locnet_jax.model import ops
   expected_vox = jax.vmap(jax.vmap(ops.center_of_mass, in_axes=-1))(heatmap)
   np.testing.assert_allclose(out["pred_mm"][:, 0], geometry.vox_to_mm(expected_vox, affine), atol=1e-4)
   with pytest.raises(ValueError, match="divisible by 2\\*\\*depth = 4"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from locnet_jax import ops
+from locnet_jax.model import ops
 
 KINDS = ops.CENTER_OF_MASS_KINDS
 

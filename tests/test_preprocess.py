@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, preprocess
+from locnet_jax import geometry
+from locnet_jax.data import preprocess
 
 
 def _linear_image(shape, affine, coefficients=(0.3, -0.7, 1.1), offset=5.0):

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from configs import heatmap_unet, multiscale, multistep, no_noise, single_scale
-from locnet_jax import checkpoints, inference, pipeline, reporting, train_lib, training
+from locnet_jax import from_config
+from locnet_jax.data import loader
+from locnet_jax.model import inference
+from locnet_jax.train import checkpoints, loop, reporting, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.spacings_mm": (8.0, 4.0), "data.finest_size": 16, "data.num_train": 2, "data.num_val": 1,
@@ -41,11 +44,11 @@ def _cli_overrides(num_epochs):
 
 def _restore(workdir, config, *, best=False):
   """The params of a run's latest (or best) checkpoint, restored into a freshly built state."""
-  data = train_lib.load_data(config.data, seed=config.seed, log=lambda *_: None)
-  model = train_lib.create_model(config.model, num_landmarks=len(data.names),
+  data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
+  model = from_config.create_model(config.model, num_landmarks=len(data.names),
                                  num_scales=len(config.data.spacings_mm))
-  example = pipeline.collate(data.val[:1])
-  state = training.create_train_state(model, key=jax.random.key(99), volumes=example["volumes"],
+  example = loader.collate(data.val[:1])
+  state = steps.create_train_state(model, key=jax.random.key(99), volumes=example["volumes"],
                                       affines=example["affines"], learning_rate=1.0)
   with checkpoints.Checkpoints(Path(workdir) / "checkpoints") as ckpts:
     restored = ckpts.restore_best(state) if best else ckpts.restore_latest(state)
@@ -53,7 +56,7 @@ def _restore(workdir, config, *, best=False):
 
 
 def _assert_trees_equal(a, b):
-  if isinstance(a, training.TrainState):  # the arrays: step, parameters, optimiser moments
+  if isinstance(a, steps.TrainState):  # the arrays: step, parameters, optimiser moments
     a, b = (a.step, a.params, a.opt_state), (b.step, b.params, b.opt_state)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -64,28 +67,28 @@ def _records(workdir):
 
 def test_same_seed_same_parameters_and_another_seed_differs(tmp_path):
   config = _tiny_config()
-  first = train_lib.train_and_evaluate(config, tmp_path / "a", log=lambda *_: None)
-  second = train_lib.train_and_evaluate(config, tmp_path / "b", log=lambda *_: None)
+  first = loop.train_and_evaluate(config, tmp_path / "a", log=lambda *_: None)
+  second = loop.train_and_evaluate(config, tmp_path / "b", log=lambda *_: None)
   _assert_trees_equal(_restore(tmp_path / "a", config).state.params, _restore(tmp_path / "b", config).state.params)
   assert first["val_error_mm"] == second["val_error_mm"] and _records(tmp_path / "a") == _records(tmp_path / "b")
   other = _tiny_config(seed=1)
-  train_lib.train_and_evaluate(other, tmp_path / "c", log=lambda *_: None)
+  loop.train_and_evaluate(other, tmp_path / "c", log=lambda *_: None)
   a, c = _restore(tmp_path / "a", config).state.params, _restore(tmp_path / "c", other).state.params
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
 
 
 def test_best_checkpoint_is_the_lowest_validation_error(tmp_path):
   config = _tiny_config(**{"train.num_epochs": 4})
-  summary = train_lib.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  summary = loop.train_and_evaluate(config, tmp_path, log=lambda *_: None)
   records = _records(tmp_path)
   finest = [r["val_error_mm"][-1] for r in records]
   assert summary["best_epoch"] == int(np.argmin(finest)) and summary["best_val_error_mm"] == pytest.approx(min(finest), abs=1e-4)  # records: 4 decimals
   best = _restore(tmp_path, config, best=True)
   assert best.epochs_done == summary["best_epoch"] + 1 and summary["best_checkpoint"].endswith(f"best/{best.epochs_done}")
   # the best checkpoint really holds that model: its validation error is the recorded one
-  data = train_lib.load_data(config.data, seed=config.seed, log=lambda *_: None)
-  model = train_lib.create_model(config.model, num_landmarks=2, num_scales=2)
-  errors = train_lib.validation_errors(inference.make_predict(model), best.state.params, data.val, batch_size=1)
+  data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
+  model = from_config.create_model(config.model, num_landmarks=2, num_scales=2)
+  errors = loop.validation_errors(inference.make_predict(model), best.state.params, data.val, batch_size=1)
   np.testing.assert_allclose(errors[-1], min(finest), rtol=1e-3)
 
 
@@ -115,7 +118,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
 
 def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_path):
   config = _tiny_config(**{"train.num_epochs": 4})
-  train_lib.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
+  loop.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
   whole_state = _restore(tmp_path / "whole", config).state
   # a copy of the finished run, made to look killed while saving epoch 4: Orbax's unfinished temporary
   # folder instead of latest/4, no best/4, half a metrics line
@@ -128,7 +131,7 @@ def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_pa
   lines = (run / "metrics.jsonl").read_text().splitlines()
   (run / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:17])
   log = []
-  summary = train_lib.train_and_evaluate(config, run, log=log.append)
+  summary = loop.train_and_evaluate(config, run, log=log.append)
   assert any("resuming from" in line and line.rstrip().endswith("(epoch 3, step 6)") for line in log), log
   _assert_trees_equal(_restore(run, config).state, whole_state)
   assert _records(run) == _records(tmp_path / "whole")
@@ -136,7 +139,7 @@ def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_pa
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  real = train_lib.make_train_step
+  real = loop.make_train_step
 
   def poisoned(config):  # the loss (and the parameters) turn NaN from the 5th step on
     step = real(config)
@@ -149,11 +152,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
               {**metrics, "loss": metrics["loss"] * poison})
     return run
 
-  monkeypatch.setattr(train_lib, "make_train_step", poisoned)
+  monkeypatch.setattr(loop, "make_train_step", poisoned)
   config = _tiny_config(**{"train.num_epochs": 5})
-  with pytest.raises(train_lib.TrainingDiverged, match=r"non-finite training loss \(nan\) at epoch 3, step 5.*"
+  with pytest.raises(loop.TrainingDiverged, match=r"non-finite training loss \(nan\) at epoch 3, step 5.*"
                      r"last good checkpoint is .*latest/2"):
-    train_lib.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+    loop.train_and_evaluate(config, tmp_path, log=lambda *_: None)
   assert [r["epoch"] for r in _records(tmp_path)] == [0, 1]
   kept = _restore(tmp_path, config)
   assert kept.epochs_done == 2 and all(np.all(np.isfinite(p)) for p in jax.tree.leaves(kept.state.params))
@@ -168,11 +171,11 @@ def test_train_py_exits_3_with_one_line_when_training_diverges(tmp_path):
 
 
 def test_a_workdir_refuses_another_config_but_not_other_loader_workers(tmp_path):
-  train_lib.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1}), tmp_path, log=lambda *_: None)
-  with pytest.raises(train_lib.ConfigError, match=r"model.unet.base_channels: 2 -> 4"):
-    train_lib.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1, "model.unet.base_channels": 4}), tmp_path)
+  loop.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1}), tmp_path, log=lambda *_: None)
+  with pytest.raises(from_config.ConfigError, match=r"model.unet.base_channels: 2 -> 4"):
+    loop.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1, "model.unet.base_channels": 4}), tmp_path)
   log = []
-  train_lib.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1, "train.loader_workers": 0}), tmp_path,
+  loop.train_and_evaluate(_tiny_config(**{"train.num_epochs": 1, "train.loader_workers": 0}), tmp_path,
                                log=log.append)
   assert log == [f"{tmp_path}: already trained for 1 epochs"]
 
@@ -199,7 +202,7 @@ def _read_events(path: Path) -> list:
 
 
 def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
-  train_lib.train_and_evaluate(_tiny_config(), tmp_path, log=lambda *_: None)
+  loop.train_and_evaluate(_tiny_config(), tmp_path, log=lambda *_: None)
   files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
   assert len(files) == 1
   scalars = {}
@@ -256,15 +259,15 @@ def test_every_table_1_config_builds_and_runs_one_step(name):
       config.model.unet.depth = 1
     config.model.unet.base_channels, config.data.num_val = 2, 1
   num_scales = len(config.data.spacings_mm)
-  data = train_lib.load_data(config.data, seed=0, log=lambda *_: None)
-  model = train_lib.create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
-  batch = pipeline.collate(data.train[:1])
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+  data = from_config.load_data(config.data, seed=0, log=lambda *_: None)
+  model = from_config.create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
+  batch = loader.collate(data.train[:1])
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=1e-2)
   before = jax.tree.map(np.array, state.params)
-  weights, trainable = train_lib.schedule(config.train, config.train.num_epochs - 1, num_scales=num_scales)
+  weights, trainable = loop.schedule(config.train, config.train.num_epochs - 1, num_scales=num_scales)
   key = jax.random.key(1) if config.train.noise else None
-  state, metrics = train_lib.make_train_step(config)(state, batch, key, weights, trainable)
+  state, metrics = loop.make_train_step(config)(state, batch, key, weights, trainable)
   assert np.isfinite(float(metrics["loss"])) and metrics["per_scale_error_mm"].shape == (num_scales,)
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.params))
   if name == "multistep":  # last phase: only the finest scale trains, the coarse one is frozen exactly
@@ -281,10 +284,10 @@ def test_every_table_1_config_builds_and_runs_one_step(name):
 def test_multistep_trains_each_scale_in_turn_and_the_paper_schedule_all_at_once():
   config = multistep.get_config("demo")  # 3 scales
   config.train.num_epochs = 6  # two epochs per scale, coarse first
-  phases = [train_lib.schedule(config.train, e, num_scales=3) for e in range(6)]
+  phases = [loop.schedule(config.train, e, num_scales=3) for e in range(6)]
   assert [np.asarray(w).tolist() for w, _ in phases] == [[1, 0, 0]] * 2 + [[0, 1, 0]] * 2 + [[0, 0, 1]] * 2
   assert all(np.array_equal(w, t) for w, t in phases)
-  weights, trainable = train_lib.schedule(multiscale.get_config("demo").train, 3, num_scales=3)
+  weights, trainable = loop.schedule(multiscale.get_config("demo").train, 3, num_scales=3)
   assert trainable is None and np.all(np.asarray(weights) > 0)
 
 
@@ -292,10 +295,10 @@ def test_single_volume_configs_refuse_noise_and_several_scales():
   config = single_scale.get_config("demo")
   with config.unlocked():
     config.train.noise = True
-  with pytest.raises(train_lib.ConfigError, match="train.noise=True needs"):
-    train_lib.train_and_evaluate(config, "/nonexistent/never-created")
-  with pytest.raises(train_lib.ConfigError, match="one entry, got 3"):
-    train_lib.create_model(heatmap_unet.get_config("demo").model, num_landmarks=2, num_scales=3)
+  with pytest.raises(from_config.ConfigError, match="train.noise=True needs"):
+    loop.train_and_evaluate(config, "/nonexistent/never-created")
+  with pytest.raises(from_config.ConfigError, match="one entry, got 3"):
+    from_config.create_model(heatmap_unet.get_config("demo").model, num_landmarks=2, num_scales=3)
 
 
 # ---------------------------------------------------------------- data parallelism
@@ -303,19 +306,22 @@ def test_single_volume_configs_refuse_noise_and_several_scales():
 _SHARDED = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from locnet_jax import parallel, pipeline, synthetic, training
-from locnet_jax.models import MultiScaleLocNet
+from locnet_jax import parallel
+from locnet_jax.data import loader
+from locnet_jax.data import synthetic
+from locnet_jax.train import steps
+from locnet_jax.model.locnet import MultiScaleLocNet
 cases = [synthetic.make_case(np.random.default_rng(i), spacings_mm=(8.0, 4.0), finest_size=16, num_landmarks=2)
          for i in range(4)]
-batch = pipeline.collate(cases)
+batch = loader.collate(cases)
 model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
 out = {}
 for count in (1, 4):
   mesh = parallel.data_mesh(batch_size=4, devices=jax.devices()[:count])
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=1e-2)
   state = parallel.replicate(state, mesh)
-  step = jax.jit(training.train_step)
+  step = jax.jit(steps.train_step)
   for i in range(3):
     sharded = parallel.shard_batch(batch, mesh)
     state, metrics = step(state, sharded, jax.random.key(i), weights=jnp.array([0.5, 1.0]))

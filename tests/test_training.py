@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from configs import multiscale
-from locnet_jax import losses, pipeline, synthetic, train_lib, training
-from locnet_jax.models import MultiScaleLocNet
+from locnet_jax import from_config
+from locnet_jax.data import augment_host, loader, synthetic
+from locnet_jax.model import losses
+from locnet_jax.model.locnet import MultiScaleLocNet
+from locnet_jax.train import loop, steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_training_step_overfits_one_case():
   case = synthetic.make_case(np.random.default_rng(0), spacings_mm=(8.0, 4.0), finest_size=16,
                              num_landmarks=2)
-  batch = pipeline.collate([case])
+  batch = loader.collate([case])
   model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=3e-3)
-  step = jax.jit(training.train_step)
+  step = jax.jit(steps.train_step)
   weights = jnp.array([1.0, 1.0])
   first = None
   for i in range(60):
@@ -43,13 +46,13 @@ def test_training_step_overfits_one_case():
 def test_loss_and_metrics_match_a_direct_computation():
   case = synthetic.make_case(np.random.default_rng(1), spacings_mm=(8.0, 4.0), finest_size=16,
                              num_landmarks=3)
-  batch = pipeline.collate([case])
+  batch = loader.collate([case])
   batch["target_mm"][0, 1] = np.nan
   model = MultiScaleLocNet(3, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
-  state = training.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=1e-3)
   weights = jnp.array([0.25, 0.75])
-  loss, metrics = training.loss_and_metrics(state.params, batch, apply_fn=state.apply_fn, weights=weights,
+  loss, metrics = steps.loss_and_metrics(state.params, batch, apply_fn=state.apply_fn, weights=weights,
                                             noise_key=None)
   pred = np.asarray(model.apply({"params": state.params}, batch["volumes"], batch["affines"])["pred_mm"])
   dist = np.linalg.norm(pred[0] - case.target_mm, axis=-1)[:, [0, 2]]  # (S, present K)
@@ -90,7 +93,7 @@ def test_train_py_rejects_unknown_override(tmp_path):
 def test_configs_build_their_models():
   for variant in multiscale.VARIANTS:
     config = multiscale.get_config(variant)
-    model = train_lib.create_model(config.model, num_landmarks=config.data.num_landmarks,
+    model = from_config.create_model(config.model, num_landmarks=config.data.num_landmarks,
                                    num_scales=len(config.data.spacings_mm))
     assert model.num_scales == len(config.data.spacings_mm) and model.patch_shape == (config.model.patch_size,) * 3
   paper = multiscale.get_config()
@@ -131,12 +134,12 @@ def _tiny_file_config(manifest, cache):
 def test_training_on_a_data_set_fills_the_cache_once(tmp_path, monkeypatch):
   manifest = _tiny_dataset(tmp_path / "data")
   config = _tiny_file_config(manifest, tmp_path / "cache")
-  record = train_lib.train_and_evaluate(config, tmp_path / "run1")
+  record = loop.train_and_evaluate(config, tmp_path / "run1")
   assert record["epoch"] == 1 and record["step"] == 6 and len(record["val_error_mm"]) == 2
   cached = sorted((tmp_path / "cache").glob("*.npz"))
   assert len(cached) == 4  # 3 train + 1 val
-  monkeypatch.setattr(pipeline, "compute_pyramid", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
-  again = train_lib.train_and_evaluate(config, tmp_path / "run2")
+  monkeypatch.setattr(loader, "compute_pyramid", lambda *a: (_ for _ in ()).throw(AssertionError("recomputed")))
+  again = loop.train_and_evaluate(config, tmp_path / "run2")
   assert sorted((tmp_path / "cache").glob("*.npz")) == cached
   assert again["train_loss"] == record["train_loss"]  # same data, same augmentation, same steps
 
@@ -152,23 +155,22 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
 def test_device_augmentation_replaces_the_workers_and_a_resumed_run_replays_it(tmp_path, monkeypatch):
   import shutil
 
-  from locnet_jax import augment
   manifest = _tiny_dataset(tmp_path / "data")
   config = _tiny_file_config(manifest, tmp_path / "cache")
   config.train.loader_workers = 0  # inline: the host augmentation below would run in this process
   plain = config.copy_and_resolve_references()
   plain.train.augment = False
   config.train.augment_on = "device"
-  monkeypatch.setattr(augment, "augment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host augment")))
-  whole = train_lib.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
-  unaugmented = train_lib.train_and_evaluate(plain, tmp_path / "plain", log=lambda *_: None)
+  monkeypatch.setattr(augment_host, "augment", lambda *a, **k: (_ for _ in ()).throw(AssertionError("host augment")))
+  whole = loop.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
+  unaugmented = loop.train_and_evaluate(plain, tmp_path / "plain", log=lambda *_: None)
   assert whole["train_loss"] != unaugmented["train_loss"]  # the device did augment
   # the same run, as if stopped after its first epoch: it resumes at step 3 and ends bit for bit the same
   shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
   for kind in ("latest", "best"):
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / kind / "2", ignore_errors=True)
   log = []
-  resumed = train_lib.train_and_evaluate(config, tmp_path / "resumed", log=log.append)
+  resumed = loop.train_and_evaluate(config, tmp_path / "resumed", log=log.append)
   assert any("resuming from" in line and "(epoch 1, step 3)" in line for line in log), log
   assert resumed["train_loss"] == whole["train_loss"] and resumed["val_error_mm"] == whole["val_error_mm"]
 
@@ -176,23 +178,23 @@ def test_device_augmentation_replaces_the_workers_and_a_resumed_run_replays_it(t
 def test_a_bad_augment_on_is_a_config_error(tmp_path):
   config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
   config.train.augment_on = "gpu"
-  with pytest.raises(train_lib.ConfigError, match=r"train.augment_on 'gpu'; supported: .*'device'"):
-    train_lib.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
-  assert train_lib.resolve_augment_on("auto") == ("host" if jax.default_backend() == "cpu" else "device")
+  with pytest.raises(from_config.ConfigError, match=r"train.augment_on 'gpu'; supported: .*'device'"):
+    loop.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
+  assert loop.resolve_augment_on("auto") == ("host" if jax.default_backend() == "cpu" else "device")
 
 
 def test_a_training_set_on_the_device_trains_exactly_as_the_loader(tmp_path):
   config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
   config.train.augment_on, config.train.loader_workers, config.train.data_on = "device", 0, "host"
-  loaded = train_lib.train_and_evaluate(config, tmp_path / "loaded", log=lambda *_: None)
+  loaded = loop.train_and_evaluate(config, tmp_path / "loaded", log=lambda *_: None)
   config.train.data_on = "device"
   log = []
-  resident = train_lib.train_and_evaluate(config, tmp_path / "resident", log=log.append)
+  resident = loop.train_and_evaluate(config, tmp_path / "resident", log=log.append)
   assert any(line.startswith("training set on the device: ") for line in log), log
   assert resident["train_loss"] == loaded["train_loss"] and resident["val_error_mm"] == loaded["val_error_mm"]
   config.train.augment_on = "host"
-  with pytest.raises(train_lib.ConfigError, match="data_on='device' .*augment_on=device"):
-    train_lib.train_and_evaluate(config, tmp_path / "refused", log=lambda *_: None)
+  with pytest.raises(from_config.ConfigError, match="data_on='device' .*augment_on=device"):
+    loop.train_and_evaluate(config, tmp_path / "refused", log=lambda *_: None)
 
 
 @pytest.mark.parametrize("value, kwargs, expected", [
@@ -212,12 +214,12 @@ def test_where_the_training_set_lives(value, kwargs, expected):
     calls.append(1)
     return 9.8e9
   args = dict(host_augment=False, backend="gpu", processes=1, bytes_limit=80e9, need_bytes=need_bytes) | kwargs
-  assert train_lib.choose_data_on(value, **args) == expected
+  assert loop.choose_data_on(value, **args) == expected
   assert len(calls) <= 1 and (value == "auto" or not calls)  # sizes read only when they decide
 
 
 def test_a_bad_data_on_is_a_config_error(tmp_path):
   config = _tiny_file_config(_tiny_dataset(tmp_path / "data"), tmp_path / "cache")
   config.train.data_on = "gpu"
-  with pytest.raises(train_lib.ConfigError, match=r"train.data_on 'gpu'; supported"):
-    train_lib.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
+  with pytest.raises(from_config.ConfigError, match=r"train.data_on 'gpu'; supported"):
+    loop.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)

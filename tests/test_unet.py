@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from locnet_jax.unet import CONV_IMPLS, DOWNSAMPLES, NORMS, UPSAMPLES, UNet3D, resolve_conv_impl
+from locnet_jax.model.unet import CONV_IMPLS, DOWNSAMPLES, NORMS, UPSAMPLES, UNet3D, resolve_conv_impl
 
 
 @pytest.mark.parametrize("downsample, upsample, norm", list(itertools.product(DOWNSAMPLES, UPSAMPLES, NORMS)))

@@ -10,7 +10,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from locnet_jax import geometry, io, ops, pipeline
+from locnet_jax import geometry, io
+from locnet_jax.data import loader
+from locnet_jax.model import ops
 
 _PLANES = (("sagittal (x)", 0), ("coronal (y)", 1), ("axial (z)", 2))
 
@@ -29,11 +31,11 @@ def _save(fig, path: Path) -> None:
   io.atomic_write(path, buffer.getvalue())
 
 
-def case_slices(model, params, example: pipeline.Example, *, names, data_names, prediction: dict) -> list[dict]:
+def case_slices(model, params, example: loader.Example, *, names, data_names, prediction: dict) -> list[dict]:
   """Per predicted landmark: the finest-scale input (a patch, or the whole volume for single-volume models),
   its heatmap, and truth / prediction in that array's voxels: {"name", "image", "heatmap", "truth_vox",
   "pred_vox"} (truth_vox None where the data set has no such landmark or it is missing)."""
-  batch = pipeline.collate([example])
+  batch = loader.collate([example])
   out, state = model.apply({"params": params}, batch["volumes"], batch["affines"], mutable="intermediates")
   last = len(batch["volumes"]) - 1
   volume, affine = np.asarray(batch["volumes"][last][0]), np.asarray(batch["affines"][last][0])

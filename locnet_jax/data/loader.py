@@ -15,14 +15,14 @@ import io as _io
 import json
 import multiprocessing
 from collections import deque
-from multiprocessing import resource_tracker, shared_memory
 from collections.abc import Iterator, Sequence
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
 
-from locnet_jax import augment as augment_lib
-from locnet_jax import io, preprocess
+from locnet_jax import dataset, io
+from locnet_jax.data import augment_host, preprocess
 
 CACHE_VERSION = 1  # bump when preprocessing code changes what it produces
 
@@ -89,7 +89,7 @@ def load_pyramid(image: Path, settings: PreprocessSettings, cache_dir: Path | No
   return load_pyramid(image, settings, cache_dir)  # what training reads is exactly what is stored
 
 
-def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettings,
+def load_example(case: dataset.Case, names: Sequence[str], settings: PreprocessSettings,
                  cache_dir: Path | None, *, check: bool = True) -> Example:
   """A manifest case as an Example; with `check`, its landmarks must lie inside its image (this reads
   the image once more, so the loader's workers skip it for cases checked when the data were loaded)."""
@@ -101,11 +101,11 @@ def load_example(case: io.Case, names: Sequence[str], settings: PreprocessSettin
   return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
 
 
-def _prepare(case: io.Case, names: Sequence[str], settings: PreprocessSettings, cache_dir: Path) -> None:
+def _prepare(case: dataset.Case, names: Sequence[str], settings: PreprocessSettings, cache_dir: Path) -> None:
   load_example(case, names, settings, cache_dir)
 
 
-def prepare_cases(cases: Sequence[io.Case], names: Sequence[str], settings: PreprocessSettings, cache_dir: Path,
+def prepare_cases(cases: Sequence[dataset.Case], names: Sequence[str], settings: PreprocessSettings, cache_dir: Path,
                   *, workers: int) -> None:
   """Checks every case (images, landmarks inside them) and fills the pyramid cache, in `workers` processes.
 
@@ -126,7 +126,7 @@ def prepare_cases(cases: Sequence[io.Case], names: Sequence[str], settings: Prep
 class CachedCase:
   """A case the loader's workers read themselves (from the pyramid cache), so no pyramid is ever pickled."""
 
-  case: io.Case
+  case: dataset.Case
   names: tuple[str, ...]
   settings: PreprocessSettings
   cache_dir: Path
@@ -149,7 +149,7 @@ def _augmented(source, seed_triple, settings) -> Example:
   example = source()
   if settings is None:
     return example
-  pyramid, target, _ = augment_lib.augment(example.pyramid, example.target_mm,
+  pyramid, target, _ = augment_host.augment(example.pyramid, example.target_mm,
                                            np.random.default_rng(seed_triple), settings)
   return Example(example.case_id, pyramid, target)
 
@@ -211,7 +211,7 @@ class Loader:
   """
 
   def __init__(self, sources: Sequence, *, batch_size: int, seed: int,
-               augment: augment_lib.AugmentSettings | None, workers: int = 1, prefetch: int = 2):
+               augment: augment_host.AugmentSettings | None, workers: int = 1, prefetch: int = 2):
     if not sources:
       raise ValueError("the loader needs at least one example")
     self.sources = [InMemory(s) if isinstance(s, Example) else s for s in sources]

@@ -1,12 +1,12 @@
 """The training set held on the accelerator, so a step needs no host work (`train.data_on`).
 
-With augmentation on the device (`device_augment`), the host's loader is the last thing between a GPU
-and its next step: reading, collating and copying a 448^3 pyramid takes ~1 s on the CPU against ~22 ms
-of H100 training. Here every training pyramid is stacked per scale once, (N, X_s, Y_s, Z_s), in
-`storage_dtype` (float16 for cached data sets: their cache already stores float16, so nothing is lost;
-48 paper-size cases take ~9.8 GB), and replicated on the devices of the mesh; a batch is a jitted gather
+With augmentation on the device (`augment_device`), the host's loader is the last thing between a GPU
+and its next step: reading, collating and copying a 448^3 pyramid takes far longer on the CPU than a
+training step on a GPU (docs/performance.md, "feeding the device"). Here every training pyramid is
+stacked per scale once, (N, X_s, Y_s, Z_s), in `storage_dtype` (float16 for cached data sets: their
+cache already stores float16, so nothing is lost), and replicated on the devices of the mesh; a batch is a jitted gather
 of its indices, cast to float32, laid out over the mesh's data axis. The epoch order is the host
-loader's (`pipeline.epoch_batches`).
+loader's (`loader.epoch_batches`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from locnet_jax import parallel, pipeline
+from locnet_jax import parallel
+from locnet_jax.data import loader
 
 
 def _stacked(sources: Sequence, storage_dtype: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
@@ -25,7 +26,7 @@ def _stacked(sources: Sequence, storage_dtype: str) -> tuple[list[np.ndarray], l
   volumes = affines = None
   targets = []
   for i, source in enumerate(sources):
-    example = source if isinstance(source, pipeline.Example) else source()
+    example = source if isinstance(source, loader.Example) else source()
     if volumes is None:
       volumes = [np.empty((len(sources), *v.shape), storage_dtype) for v in example.pyramid.volumes]
       affines = [np.empty((len(sources), 4, 4), np.float32) for _ in example.pyramid.volumes]
@@ -44,7 +45,7 @@ def _gather(volumes, affines, target, indices) -> dict:
 
 
 class ResidentData:
-  """Training examples on the device; `epoch(e)` yields the batches `pipeline.Loader.epoch(e)` would
+  """Training examples on the device; `epoch(e)` yields the batches `loader.Loader.epoch(e)` would
   (without host augmentation), already on the devices of `mesh`."""
 
   def __init__(self, sources: Sequence, *, batch_size: int, seed: int, mesh, storage_dtype: str = "float16"):
@@ -66,7 +67,7 @@ class ResidentData:
     return self.count // self.batch_size
 
   def epoch(self, epoch: int) -> Iterator[dict]:
-    for indices in pipeline.epoch_batches(seed=self.seed, epoch=epoch, count=self.count, batch_size=self.batch_size):
+    for indices in loader.epoch_batches(seed=self.seed, epoch=epoch, count=self.count, batch_size=self.batch_size):
       yield self._take(*self._arrays, jnp.asarray(indices, jnp.int32))
 
   def close(self) -> None:

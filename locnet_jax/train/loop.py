@@ -1,25 +1,23 @@
-"""The training loop behind `train.py`: config -> model, data, schedule, epochs, checkpoints, metrics.
+"""The training loop behind `train.py`: schedule, epochs, validation, checkpoints, metrics.
 
-Library code below this module takes explicit arguments; this is where the config is unpacked.
+The model and data come from the config through `from_config`; the step from `train.step`.
 
 A run's folder (``--workdir``) holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
-``tensorboard/`` event files and ``checkpoints/{latest,best}`` (locnet_jax/checkpoints.py). Running the
+``tensorboard/`` event files and ``checkpoints/{latest,best}`` (`train.checkpoints`). Running the
 same command again resumes from the latest checkpoint and continues exactly as if never stopped: the
 data order and host augmentation derive from (seed, epoch, case), the noise key and device augmentation
 (`train.augment_on`) from (seed, step), and the
 state (parameters, Adam moments, step) is restored bit for bit. A workdir refuses a config that differs
-from the one it was started with (except `RESUME_FREE` fields, which do not change the results).
+from the one it was started with (except `from_config.RESUME_FREE` fields, which do not change the results).
 
-Data: synthetic cases in memory, a DATA_FORMAT.md data set (preprocessed once into the pyramid cache,
+Data: synthetic cases in memory, a data set in the docs/data_format.md form (preprocessed once into the pyramid cache,
 augmented by background workers or on the device), or the AFIDs benchmark (built on first use).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,47 +26,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from locnet_jax import augment as augment_lib
-from locnet_jax import checkpoints as checkpoints_lib
-from locnet_jax import device_augment, inference, io, losses, parallel, pipeline, reporting, resident, synthetic, training
-from locnet_jax.datasets import afids
-from locnet_jax.models import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
+from locnet_jax import from_config, io, parallel
+from locnet_jax.data import augment_device, augment_host, loader, resident
+from locnet_jax.from_config import ConfigError, Data
+from locnet_jax.model import inference, losses
+from locnet_jax.train import checkpoints as checkpoints_lib
+from locnet_jax.train import reporting, steps
 
-MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
 SCHEDULES = ("paper", "multistep")
 AUGMENT_ON = ("auto", "host", "device")  # where training augmentation runs; "auto": host on CPUs, else device
 DATA_ON = ("auto", "host", "device")  # where the training set lives (`resident`); "auto": see `choose_data_on`
 RESIDENT_SHARE = 0.5  # "auto" keeps the training set on an accelerator if it takes at most this share of its memory
-# may change between a run and its resumption (where the data live, how fast it runs)
-RESUME_FREE = ("train.loader_workers", "train.data_on", "data.cache_dir", "model.unet.conv_impl",
-               "model.patch_groups")
-
-
-class ConfigError(ValueError):
-  """A configuration that cannot run (the CLI prints it on one line)."""
 
 
 class TrainingDiverged(RuntimeError):
   """The training loss became NaN or infinite; the run stopped without saving the bad state."""
-
-
-def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int, num_scales: int):
-  """The model a config's `model` section describes (`num_scales` = pyramid levels in `data.spacings_mm`)."""
-  unet = model_config.unet.to_dict()
-  if model_config.kind == "multiscale":
-    return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
-                            unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
-                            stop_gradient=model_config.stop_gradient,
-                            patch_groups=model_config.get("patch_groups", 0))  # absent from older runs' configs
-  if model_config.kind not in MODEL_KINDS:
-    raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
-  if num_scales != 1:
-    raise ConfigError(f"model.kind={model_config.kind!r} reads one volume: data.spacings_mm must have one "
-                      f"entry, got {num_scales}")
-  if model_config.kind == "single_scale":
-    return single_scale_locnet(num_landmarks, unet=unet, extra_levels=model_config.extra_levels,
-                               com_kind=model_config.com_kind)
-  return HeatmapUNet(num_landmarks, unet=unet)
 
 
 def schedule(train_config: ml_collections.ConfigDict, epoch: int, *, num_scales: int):
@@ -98,104 +70,25 @@ def make_train_step(config: ml_collections.ConfigDict):
   if config.model.kind == "heatmap":
     def step(state, batch, key, weights, trainable):
       del weights, trainable  # one output, no schedule
-      return training.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm,
+      return steps.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm,
                                          peak=config.model.heatmap_peak)
   else:
     def step(state, batch, key, weights, trainable):
-      return training.train_step(state, batch, key, weights=weights, trainable=trainable)
+      return steps.train_step(state, batch, key, weights=weights, trainable=trainable)
   return jax.jit(step, donate_argnums=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Data:
-  """What training reads: training sources (Examples or cached cases), validation Examples, names."""
-
-  train: list
-  val: list[pipeline.Example]
-  names: tuple[str, ...]
-  from_files: bool
-
-
-def preprocess_settings(data_config: ml_collections.ConfigDict) -> pipeline.PreprocessSettings:
-  return pipeline.PreprocessSettings(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
-                                     intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
-
-
-def manifest_path(data_config, *, seed: int, log=print) -> Path:
-  if data_config.source == "manifest":
-    if not data_config.manifest:
-      raise ConfigError("data.source='manifest' needs --config.data.manifest=PATH")
-    return Path(data_config.manifest)
-  folder = Path(data_config.afids_dir)
-  if not (folder / "dataset.json").is_file():
-    log(f"building the AFIDs benchmark in {folder} (once)")
-    afids.build(folder, seed=seed, landmarks=tuple(n.strip() for n in data_config.afids_landmarks.split(",")),
-                workers=cpu_workers(), log=lambda *_: None)
-  return folder / "dataset.json"
-
-
-def cpu_workers() -> int:
-  return min(os.cpu_count() or 1, 8)
-
-
-def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Data:
-  """The config's data: synthetic cases in memory, or a data set preprocessed once into the cache."""
-  if data_config.source == "synthetic":
-    kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
-                  num_landmarks=data_config.num_landmarks)
-    names = tuple(f"L{k}" for k in range(data_config.num_landmarks))
-    return Data(synthetic.make_cases(seed, data_config.num_train, **kwargs),
-                synthetic.make_cases(seed + 1_000_003, data_config.num_val, **kwargs), names, False)
-  if data_config.source not in ("manifest", "afids"):
-    raise ConfigError(f"unsupported data.source {data_config.source!r}; supported: ('synthetic', 'manifest', 'afids')")
-  manifest = io.load_manifest(manifest_path(data_config, seed=seed, log=log))
-  settings = preprocess_settings(data_config)
-  cache = Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"
-  cases = manifest.split("train") + manifest.split("val")
-  pipeline.prepare_cases(cases, manifest.landmarks, settings, cache, workers=cpu_workers())  # once: cached
-  train = [pipeline.CachedCase(case, manifest.landmarks, settings, cache) for case in manifest.split("train")]
-  val = [pipeline.load_example(case, manifest.landmarks, settings, cache, check=False)
-         for case in manifest.split("val")]
-  log(f"data: {manifest.path} ({len(train)} train, {len(val)} val cases, {len(manifest.landmarks)} landmarks), "
-      f"cache {cache}")
-  return Data(train, val, manifest.landmarks, True)
-
-
-def validation_errors(predict, params, cases: list[pipeline.Example], *, batch_size: int) -> np.ndarray:
+def validation_errors(predict, params, cases: list[loader.Example], *, batch_size: int) -> np.ndarray:
   """Mean radial error (mm) per scale (S,) over the annotated landmarks of `cases`, no noise.
 
   `predict` is `inference.make_predict(model)` (made once, so it compiles once per run).
   """
   errors = []
   for i in range(0, len(cases), batch_size):
-    batch = pipeline.collate(cases[i:i + batch_size])
+    batch = loader.collate(cases[i:i + batch_size])
     pred = np.asarray(predict(params, batch["volumes"], batch["affines"]))
     errors.append(np.linalg.norm(pred - np.asarray(batch["target_mm"])[:, None], axis=-1))  # (B, S, K)
   return np.nanmean(np.concatenate(errors), axis=(0, 2))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def config_differences(saved: dict, config: dict, *, prefixes: tuple[str, ...] = ("",),
-                       also_free: tuple[str, ...] = ()) -> list[str]:
-  """'field: saved -> now' for every field under `prefixes` that differs (JSON-normalised), except
-  `RESUME_FREE` and `also_free` ones. A field the saved config lacks (added to the code after the run started) is not a
-  difference: the run is taken to have used its default."""
-  old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old)
-          if k.startswith(prefixes) and k not in RESUME_FREE + also_free and old.get(k) != new.get(k)]
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
 
 
 def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None:
@@ -233,23 +126,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   workdir.mkdir(parents=True, exist_ok=True)
   num_scales = len(config.data.spacings_mm)
   _check_config(config, num_scales=num_scales)
-  config_dict = _config_dict(config)
+  config_dict = from_config.config_dict(config)
   with checkpoints_lib.Checkpoints(workdir / "checkpoints") as checkpoints:
     saved = checkpoints.read_meta()
     if saved is not None:
-      differences = config_differences(saved["config"], config_dict)
+      differences = from_config.config_differences(saved["config"], config_dict)
       if differences:
         raise ConfigError(f"{workdir} holds a run started with another config ({'; '.join(differences)}); "
                           "rerun with the same config to resume, or use a new --workdir")
       if saved["record"]["epoch"] + 1 >= config.train.num_epochs:
         log(f"{workdir}: already trained for {config.train.num_epochs} epochs")
         return _summary(saved, checkpoints)
-    data = load_data(config.data, seed=config.seed, log=log)
-    model = create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
+    data = from_config.load_data(config.data, seed=config.seed, log=log)
+    model = from_config.create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
     mesh = parallel.data_mesh(batch_size=config.train.batch_size)
     root = jax.random.key(config.seed)
-    example = pipeline.collate(data.val[:1])
-    state = training.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
+    example = loader.collate(data.val[:1])
+    state = steps.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
                                         affines=example["affines"], learning_rate=config.train.learning_rate)
     state = parallel.replicate(state, mesh)
     first_epoch, step, meta = 0, 0, None
@@ -279,11 +172,11 @@ def choose_data_on(value: str, *, host_augment: bool, backend: str, processes: i
 
 
 def _training_batches(config, data: Data, *, mesh, host_augment, log):
-  """The epoch batches: `resident.ResidentData` (training set on the device) or `pipeline.Loader`."""
+  """The epoch batches: `resident.ResidentData` (training set on the device) or `loader.Loader`."""
   storage = "float16" if data.from_files else "float32"  # the cache stores float16: nothing is lost
 
   def need_bytes():
-    first = data.train[0] if isinstance(data.train[0], pipeline.Example) else data.train[0]()
+    first = data.train[0] if isinstance(data.train[0], loader.Example) else data.train[0]()
     return len(data.train) * sum(v.size for v in first.pyramid.volumes) * np.dtype(storage).itemsize
 
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
@@ -296,7 +189,7 @@ def _training_batches(config, data: Data, *, mesh, host_augment, log):
     return batches
   if config.train.data_on == "auto" and host_augment is None and jax.default_backend() != "cpu":
     log("train.data_on='auto': the training set stays on the host (see choose_data_on)")
-  return pipeline.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=host_augment,
+  return loader.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=host_augment,
                          workers=config.train.loader_workers if data.from_files else 0)
 
 
@@ -309,14 +202,14 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   noise_root = jax.random.fold_in(root, 1)
   best_error = meta["best_val_error_mm"] if meta else float("inf")
   best_epoch = meta["best_epoch"] if meta else None
-  augment = augment_lib.AugmentSettings() if (config.train.augment and data.from_files) else None
+  augment = augment_host.AugmentSettings() if (config.train.augment and data.from_files) else None
   on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
-  augment_fn = jax.jit(functools.partial(device_augment.augment_batch, settings=augment)) if on_device else None
+  augment_fn = jax.jit(functools.partial(augment_device.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)
-  loader = _training_batches(config, data, mesh=mesh, host_augment=None if on_device else augment, log=log)
-  progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=loader.steps_per_epoch(),
+  batches = _training_batches(config, data, mesh=mesh, host_augment=None if on_device else augment, log=log)
+  progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=batches.steps_per_epoch(),
                                 first_epoch=first_epoch)
-  with loader, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
+  with batches, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
     for epoch in range(first_epoch, epochs):
       start = time.perf_counter()
       weights, trainable = schedule(config.train, epoch, num_scales=num_scales)
@@ -335,9 +228,9 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
         progress.step(epoch=epoch, step_in_epoch=index + 1, loss=loss)
 
       pending = None
-      for index, batch in enumerate(loader.epoch(epoch)):
+      for index, batch in enumerate(batches.epoch(epoch)):
         key = jax.random.fold_in(noise_root, step) if config.train.noise else None
-        if isinstance(loader, pipeline.Loader):  # resident batches are already on the mesh
+        if isinstance(batches, loader.Loader):  # resident batches are already on the mesh
           batch = parallel.shard_batch(batch, mesh)
         if augment_fn is not None:  # on the device, keyed by the step: a resumed run replays it
           batch = augment_fn(batch, jax.random.fold_in(augment_root, step))
@@ -359,7 +252,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       if trainable is not None:
         record["trainable"] = np.asarray(trainable).astype(int).tolist()
       meta = {"record": record, "step": step, "best_val_error_mm": best_error, "best_epoch": best_epoch,
-              "landmarks": list(data.names), "config": _config_dict(config)}
+              "landmarks": list(data.names), "config": from_config.config_dict(config)}
       checkpoints.save(epoch + 1, state, meta, is_best=is_best)
       metrics_log.epoch(record)
       errors = " / ".join(f"{e:.2f}" for e in record["val_error_mm"])

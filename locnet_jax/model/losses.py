@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from locnet_jax import geometry, ops
+from locnet_jax import geometry
+from locnet_jax.model import ops
 
 
 def landmark_mask(target_mm: jax.Array) -> jax.Array:

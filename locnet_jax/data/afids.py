@@ -1,6 +1,6 @@
 """The AFIDs real-data benchmark: warped copies of the MNI152NLin2009cAsym template with its 32 AFIDs.
 
-    python -m locnet_jax.datasets.afids --out data/afids [--num-train 48 --num-val 8 --num-test 16]
+    python -m locnet_jax.data.afids --out data/afids [--num-train 48 --num-val 8 --num-test 16]
         [--seed 0] [--landmarks AC,PC,...] [--modality T1w|T2w] [--elastic] [--source DIR]
 
 Every case is the template under a known random spatial transform (rotation up to +-15 deg about each
@@ -12,10 +12,11 @@ written as Slicer `.mrk.json` (LPS, as Slicer saves) or `.fcsv` (RAS). Landmarks
 acronyms (AC, PC, ICS, ...). `build_info.json` records each case's transform and the constant-prediction
 baseline (the mean training position) on the test split.
 
-Source files: `--source DIR` (a folder with the template files, such as
-``../shared/data/afids/tpl-MNI152NLin2009cAsym``); else that folder beside this checkout if present;
-else the PyPI wheel ``autoafids==0.1.4``, fetched with ``pip download --no-deps`` into a cache folder and
-read as a zip. Every file is checked by md5. Nothing else is fetched.
+Source files: `--source DIR` (a folder holding the template files under their templateflow names), else
+the folder in the environment variable LOCNET_AFIDS_SOURCE, else the PyPI wheel ``autoafids==0.1.4``,
+fetched once with ``pip download --no-deps`` into a cache folder and read as a zip. Every file is checked
+by md5. Nothing else is fetched. The four expert raters' own AFIDs (the human error floor) ship with
+this package (`resources/afids/`, CC BY 4.0, see its NOTICE.md).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import multiprocessing
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -36,7 +37,8 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import augment, geometry, io, preprocess
+from locnet_jax import geometry, io
+from locnet_jax.data import augment_host, preprocess
 
 # The 32 AFIDs in file order (acronyms from afids-utils' afids_descs.json, MIT licence).
 AFID_NAMES = ("AC", "PC", "ICS", "PMJ", "SIPF", "RSLMS", "LSLMS", "RILMS", "LILMS", "CUL", "IMS", "RMB", "LMB",
@@ -49,7 +51,8 @@ FILES = {  # role: (file name, md5)
     "afids": (PREFIX + "desc-groundtruth_afids.fcsv", "a78f80cc788dd242d11f9554d61c78d1"),
 }
 WHEEL = ("autoafids", "0.1.4", "autoafids/resources/")
-DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "afids" / "tpl-MNI152NLin2009cAsym"
+SOURCE_ENV = "LOCNET_AFIDS_SOURCE"  # a folder with the template files, read instead of the wheel
+RESOURCES = Path(__file__).resolve().parent / "resources" / "afids"  # consensus + raters' AFIDs (CC BY 4.0)
 ORIENTATIONS = {  # name: (permutation of the template's voxel axes, flip of each new axis)
     "RAS": ((0, 1, 2), (False, False, False)),
     "LPS": ((0, 1, 2), (True, True, False)),
@@ -65,10 +68,10 @@ def _md5(data: bytes) -> str:
 def read_source_files(*, source: Path | str | None = None, cache_dir: Path | None = None,
                       roles=("T1w", "afids")) -> dict[str, bytes]:
   """The template files' bytes by role, md5-checked: from the folder `source`, from the wheel when
-  `source == "wheel"`, and by default from the shared folder if present, else the wheel."""
+  `source == "wheel"`, and by default from the folder in $LOCNET_AFIDS_SOURCE if set, else the wheel."""
   if source == "wheel":
     return read_wheel(fetch_wheel(cache_dir), roles=roles)
-  folder = source if source is not None else (DEFAULT_SOURCE if DEFAULT_SOURCE.is_dir() else None)
+  folder = source if source is not None else (os.environ.get(SOURCE_ENV) or None)
   out = {}
   if folder is not None:
     for role in roles:
@@ -207,13 +210,13 @@ def make_case(template: io.Volume, points_mm: np.ndarray, rng: np.random.Generat
   transform = random_affine_transform(rng)
   orientation = list(ORIENTATIONS)[rng.integers(len(ORIENTATIONS))]
   affine, shape = reoriented_grid(template.affine, template.data.shape, orientation)
-  field = augment.ElasticField.over_grid(rng, affine, shape, max_mm=3.0) if elastic else None
+  field = augment_host.ElasticField.over_grid(rng, affine, shape, max_mm=3.0) if elastic else None
   data = preprocess.resample(template.data, template.affine, target_affine=affine, target_shape=shape,
-                             world_map=augment.source_points(transform, field))
+                             world_map=augment_host.source_points(transform, field))
   if intensity:
     data = vary_intensity(data, rng, affine)
   return {"data": data, "affine": affine,
-          "points_mm": augment.move_points(points_mm, transform=transform, elastic=field),
+          "points_mm": augment_host.move_points(points_mm, transform=transform, elastic=field),
           "transform": transform, "orientation": orientation}
 
 
@@ -314,7 +317,7 @@ def constant_baseline(info: list[dict], landmarks) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m locnet_jax.datasets.afids", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m locnet_jax.data.afids", description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--num-train", type=int, default=48)
   parser.add_argument("--num-val", type=int, default=8)
@@ -324,8 +327,8 @@ def main(argv=None) -> int:
   parser.add_argument("--landmarks", default=",".join(AFID_NAMES), help="comma-separated AFID acronyms")
   parser.add_argument("--modality", choices=("T1w", "T2w"), default="T1w")
   parser.add_argument("--elastic", action="store_true", help="add a mild smooth elastic warp")
-  parser.add_argument("--source", help="folder with the template files, or 'wheel' (default: the shared "
-                      "folder beside this checkout if present, else the wheel)")
+  parser.add_argument("--source", help=f"folder with the template files, or 'wheel' (default: ${SOURCE_ENV} "
+                      "if set, else the wheel)")
   parser.add_argument("--cache-dir", type=Path, help="where the wheel is kept (default ~/.cache/locnet_jax)")
   args = parser.parse_args(argv)
   try:
@@ -348,9 +351,9 @@ def rater_errors(build_dir, *, split: str = "test", source: Path | None = None) 
 
   Both point sets are moved by each case's world transform (build_info.json), exactly as the case's
   landmarks were. Returns {rater file stem: radial errors (cases, K) mm} for the set's K landmarks, read
-  from `<source>/raters/*.fcsv` (default: the shared folder; the wheels do not ship the raters' files).
+  from `<source>/raters/*.fcsv` (default: the copies shipped in `RESOURCES`; the wheels lack them).
   """
-  build_dir, source = Path(build_dir), Path(source or DEFAULT_SOURCE)
+  build_dir, source = Path(build_dir), Path(source or RESOURCES)
   info = json.loads((build_dir / "build_info.json").read_text())
   if info.get("elastic"):
     raise ValueError(f"{build_dir}: elastic warps are not stored; rater errors need an affine-only build")

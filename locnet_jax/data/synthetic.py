@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from locnet_jax.pipeline import Example
-from locnet_jax.preprocess import Pyramid
+from locnet_jax.data.loader import Example
+from locnet_jax.data.preprocess import Pyramid
 
 
 def pyramid_affines(*, spacings_mm, finest_size: int) -> list[np.ndarray]:
@@ -39,7 +39,7 @@ def _separable_gaussian(axes_mm, center_mm, sigma_mm):
 
 def make_case(rng: np.random.Generator, *, spacings_mm, finest_size: int, num_landmarks: int,
               broad_sigma_mm: float | None = None, noise: float = 0.05, case_id: str = "synthetic") -> Example:
-  """One synthetic case as a `pipeline.Example`: its pyramid (S levels) and landmarks (K, 3) RAS mm.
+  """One synthetic case as a `loader.Example`: its pyramid (S levels) and landmarks (K, 3) RAS mm.
 
   Landmarks are uniform in the central half of the field of view. `broad_sigma_mm` defaults to the
   coarsest spacing; the sharp core has a std of twice the finest spacing.

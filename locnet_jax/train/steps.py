@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from locnet_jax import losses
+from locnet_jax.model import losses
 
 TrainState = train_state.TrainState
 

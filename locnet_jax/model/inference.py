@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from locnet_jax import models
+from locnet_jax.model import locnet
 
 
 def make_predict(model) -> Callable:
@@ -26,20 +26,20 @@ def make_predict(model) -> Callable:
 
 
 def auto_chunk_size(num_samples: int) -> int:
-  """Noise samples per chunk when none is given: 1 on a CPU backend (smallest working set: 1.62 s against
-  2.02 s for chunks of 10, demo size, benchmarks/model_cost.py), else min(10, N) (a GPU wants a batch, and
-  50 unchunked paper-size samples need 17 GB for 2 landmarks)."""
+  """Noise samples per chunk when none is given: 1 on a CPU backend (the smallest working set stays in
+  cache, which measured fastest: docs/performance.md), else min(10, N) (a GPU wants a batch, and all 50
+  paper-size samples at once would not fit its memory)."""
   return 1 if jax.default_backend() == "cpu" else min(10, num_samples)
 
 
-def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_size: int | None) -> Callable:
+def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_size: int | None) -> Callable:
   """Jitted ``(params, volumes, affines, key) -> dict`` of test-time uncertainty.
 
   Returns {"pred_mm": (B, S, K, 3) with the finest scale the mean of the samples, "samples_mm": (B, N, K, 3)
   the finest predictions of every sample, "std_mm": (B, K, 3) their per-axis standard deviation,
   "deterministic_mm": (B, K, 3) the finest prediction without noise}.
   """
-  if not isinstance(model, models.MultiScaleLocNet) or model.num_scales < 2:
+  if not isinstance(model, locnet.MultiScaleLocNet) or model.num_scales < 2:
     raise ValueError("test-time uncertainty needs a multi-scale Loc-Net with >= 2 scales (noise shifts the "
                      "finest crop)")
   if chunk_size is None or chunk_size == 0:
@@ -48,21 +48,21 @@ def make_uncertainty(model: models.MultiScaleLocNet, *, num_samples: int, chunk_
     raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples}, {chunk_size}")
   chunk = min(chunk_size, num_samples)
   num_chunks = -(-num_samples // chunk)
-  finest = models.LocNet(model.num_landmarks, model.unet, model.com_kind)
+  finest = locnet.LocNet(model.num_landmarks, model.unet, model.com_kind)
   radius, last = model.noise_mm, model.num_scales - 1
 
   def run(params, volumes, affines, key):
     out = model.apply({"params": params}, volumes, affines)["pred_mm"]  # (B, S, K, 3), no noise
     center = out[:, last - 1]  # what the finest crop is centred on, before the shift
     batch, k_count = center.shape[:2]
-    affine = models.batched_affine(affines[last], batch, "finest affine")
-    noise = models.noise_shifts_mm(key, center.shape, radius_mm=radius, num_samples=num_samples)  # (N, B, K, 3)
+    affine = locnet.batched_affine(affines[last], batch, "finest affine")
+    noise = locnet.noise_shifts_mm(key, center.shape, radius_mm=radius, num_samples=num_samples)  # (N, B, K, 3)
     noise = jnp.pad(noise, [(0, num_chunks * chunk - num_samples)] + [(0, 0)] * 3)
     net = functools.partial(finest.apply, {"params": params[f"scale{last}"]})
 
     def one_chunk(shifts):  # (C, B, K, 3) -> (B, C, K, 3)
       centers = jnp.moveaxis(center[None] + shifts, 0, 1).reshape(batch, -1, 3)
-      pred, _ = models.refine(net, volumes[last], affine, centers, num_landmarks=k_count,
+      pred, _ = locnet.refine(net, volumes[last], affine, centers, num_landmarks=k_count,
                               patch_shape=model.patch_shape, groups=model.patch_groups)
       return pred.reshape(batch, chunk, k_count, 3)
 

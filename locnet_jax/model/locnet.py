@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from locnet_jax import geometry, ops
-from locnet_jax.unet import UNet3D
+from locnet_jax import geometry
+from locnet_jax.model import ops
+from locnet_jax.model.unet import UNet3D
+
 
 def batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
   affine = jnp.asarray(affine, jnp.float32)
@@ -41,11 +43,9 @@ def resolve_patch_groups(value: int, count: int) -> int:
   """Into how many independent U-Net calls a batch of `count` patches is split: `value`, or for 0 (auto)
   one per patch (at most 8) on a CPU backend, 1 elsewhere.
 
-  XLA:CPU runs independent computations side by side, which uses 2 cores better than one small
-  convolution's own threads (2 cores: demo forward 122 -> 80 ms and training step 418 -> 286 ms with 6
-  groups, 77 and 299 ms with 3; 50-pass uncertainty 1.78 s with 4, 1.70 s with 6; paper size 2.76 ->
-  2.10 s and 7.80 -> 6.29 s with 2); a GPU wants one batch. The function is the same; the graph (and its
-  compile time) grows with the groups.
+  Why: XLA:CPU runs independent computations side by side, which keeps few cores busier than one small
+  convolution's own threads can; a GPU wants one large batch. Measured in docs/performance.md ("patch
+  groups"). The function is the same; the graph (and its compile time) grows with the groups.
   """
   if not isinstance(value, int) or isinstance(value, bool) or value < 0:
     raise ValueError(f"patch_groups must be an int >= 0 (0: auto), got {value!r}")

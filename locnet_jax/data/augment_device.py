@@ -1,9 +1,9 @@
-"""Training-time augmentation on the accelerator: `augment.augment`'s random warp and intensity changes,
-in JAX, applied to a batch already on the device (no elastic part).
+"""Training-time augmentation on the accelerator: `augment_host.augment`'s random warp and intensity
+changes, in JAX, applied to a batch already on the device (no elastic part).
 
-Why: resampling a 448^3 pyramid on the CPU (scipy, `augment.augment`) takes ~11 s a volume per worker,
-while a GPU trains on it in ~22 ms; on the device the same trilinear resampling is a gather over the
-volume. The draw has the same distribution as the host's (rotation about the finest grid's centre,
+Why: resampling a 448^3 pyramid on the CPU (scipy, `augment_host.augment`) takes hundreds of GPU
+training steps per volume and worker (docs/performance.md); on the device the same trilinear
+resampling is a gather over the volume. The draw has the same distribution as the host's (rotation about the finest grid's centre,
 uniform per axis in degrees, extrinsic x-y-z as scipy's "xyz"; isotropic scale; translation; gamma,
 intensity scale and shift drawn once per case; Gaussian noise per level); values come from a JAX key,
 so a run is replayed exactly from (seed, step). Frames: volumes (B, X, Y, Z) voxel-indexed, affines
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from locnet_jax import geometry
-from locnet_jax.augment import AugmentSettings
+from locnet_jax.data.augment_host import AugmentSettings
 
 
 def rotation_xyz(angles_rad: jax.Array) -> jax.Array:
@@ -44,7 +44,7 @@ def random_transform(key: jax.Array, settings: AugmentSettings, center_mm: jax.A
 def transform_volume(volume: jax.Array, affine: jax.Array, transform: jax.Array, *,
                      max_points: int = 1 << 21) -> jax.Array:
   """(X, Y, Z) image moved by the world transform (4, 4), on its own grid; trilinear, 0 where the source
-  point lies outside the old grid (as `augment.transform_volume`, whose values it reproduces).
+  point lies outside the old grid (as `augment_host.transform_volume`, whose values it reproduces).
 
   Computed in slabs of x-slices of at most `max_points` voxels (one slice at least), so the coordinates
   held at once are ~3 x `max_points` floats (24 MB by default: a 128^3 volume in one slab, a 448^3 one 10

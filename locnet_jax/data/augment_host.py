@@ -16,8 +16,9 @@ import numpy as np
 import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, preprocess
-from locnet_jax.preprocess import Pyramid
+from locnet_jax import geometry
+from locnet_jax.data import preprocess
+from locnet_jax.data.preprocess import Pyramid
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""Predictions of a trained model on cases: the deterministic pass, the 50-pass uncertainty, and the files
+users open (3D Slicer `.mrk.json` and CSV, RAS mm in the world of the case's original image).
+
+Outputs go to a fresh folder that replaces the old one only when complete (`replace_folder`): a crash
+leaves the previous results untouched, and old and new files never mix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from locnet_jax import from_config, io
+from locnet_jax.data import loader
+from locnet_jax.eval import metrics, restore
+from locnet_jax.eval.restore import Trained
+from locnet_jax.model import inference
+from locnet_jax.model.locnet import MultiScaleLocNet
+
+
+def replace_folder(final: Path, write) -> None:
+  """Calls `write(tmp_folder)`, then swaps the finished folder in for `final` (old contents removed)."""
+  final = Path(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if final.exists():
+    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+    os.replace(final, old / final.name)
+  os.replace(tmp, final)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def predict_cases(trained: Trained, examples: list[loader.Example], *, num_samples: int, chunk_size: int,
+                  seed: int) -> list[dict]:
+  """Per case: {"case_id", "pred_mm" (S, K, 3), "mean_mm"/"std_mm" (K, 3) or None, "seconds"}."""
+  predict = inference.make_predict(trained.model)
+  uncertain = isinstance(trained.model, MultiScaleLocNet) and trained.model.num_scales >= 2 and num_samples > 0
+  sample = inference.make_uncertainty(trained.model, num_samples=num_samples, chunk_size=chunk_size) if uncertain else None
+  out = []
+  for i, example in enumerate(examples):
+    batch = loader.collate([example])
+    start = time.perf_counter()
+    if sample is not None:
+      result = jax.device_get(sample(trained.params, batch["volumes"], batch["affines"],
+                                     jax.random.fold_in(jax.random.key(seed), i)))
+      pred = np.array(result["pred_mm"][0])
+      pred[-1] = result["deterministic_mm"][0]
+      mean, std = np.asarray(result["pred_mm"][0, -1]), np.asarray(result["std_mm"][0])
+    else:
+      pred = np.asarray(jax.device_get(predict(trained.params, batch["volumes"], batch["affines"]))[0])
+      mean, std = None, None
+    out.append({"case_id": example.case_id, "pred_mm": pred, "mean_mm": mean, "std_mm": std,
+                "seconds": time.perf_counter() - start})
+  return out
+
+
+def prediction_rows(predictions: list[dict], names) -> list[dict]:
+  """Rows of the predictions CSV (docs/data_format.md): every landmark the model predicts, RAS mm."""
+  rows = []
+  for p in predictions:
+    point = p["mean_mm"] if p["mean_mm"] is not None else p["pred_mm"][-1]
+    for k, name in enumerate(names):
+      row = {"case_id": p["case_id"], "label": name, "x": point[k, 0], "y": point[k, 1], "z": point[k, 2]}
+      if p["std_mm"] is not None:
+        std = p["std_mm"][k]
+        row.update(std_x=std[0], std_y=std[1], std_z=std[2],
+                   confidence_volume_mm3=float(metrics.confidence_volume_mm3(std)))
+      rows.append(row)
+  return rows
+
+
+def write_predictions(folder: Path, predictions: list[dict], names) -> None:
+  """`<case>.mrk.json` (opens in 3D Slicer over the original image) and `<case>.csv` per case, and all in
+  `predictions.csv`."""
+  folder.mkdir(parents=True, exist_ok=True)
+  rows = prediction_rows(predictions, names)
+  for p in predictions:
+    point = p["mean_mm"] if p["mean_mm"] is not None else p["pred_mm"][-1]
+    io.write_mrk_json(folder / f"{p['case_id']}.mrk.json", list(names), point, coordinate_system="LPS")
+    io.write_predictions_csv(folder / f"{p['case_id']}.csv", [r for r in rows if r["case_id"] == p["case_id"]])
+  io.write_predictions_csv(folder / "predictions.csv", rows)
+
+
+def predict_images(workdir: Path, images: list, out: Path, *, num_samples: int | None = None) -> list[dict]:
+  """Predicts the landmarks of NIfTI `images` (no ground truth) with the model in `workdir` (a training
+  run's best checkpoint or an exported model folder, which carries its own config) and writes them to the
+  folder `out` (`write_predictions`, swapped in when complete). `num_samples`: noise samples (None: the
+  model's eval config). Returns `predict_cases`' records; a case is named by its file name up to the
+  first dot."""
+  workdir = Path(workdir)
+  config = restore.saved_config(workdir)
+  settings = from_config.preprocess_settings(config.data)
+  examples = []
+  for image in images:
+    path = Path(image)
+    pyramid = loader.compute_pyramid(path, settings)
+    examples.append(loader.Example(path.name.split(".")[0], pyramid, np.zeros((0, 3))))  # no ground truth
+  trained = restore.restore(config, workdir, example=examples[0])
+  samples = config.eval.num_noise_samples if num_samples is None else num_samples
+  predictions = predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
+                              seed=config.seed)
+  replace_folder(out, lambda folder: write_predictions(folder, predictions, trained.names))
+  return predictions

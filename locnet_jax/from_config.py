@@ -1,0 +1,180 @@
+"""Turns a config (configs/default.py) into objects: the model, the data, the preprocessing settings.
+
+The one place where a config is unpacked for the library: training (`train.loop`), evaluation
+(`eval.evaluate`), prediction and export all build their model, landmark names, cache folder and
+cases here, so they agree by construction. Library code below takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from locnet_jax import dataset, io
+from locnet_jax.data import afids, loader, synthetic
+from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
+
+MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
+DATA_SOURCES = ("synthetic", "manifest", "afids")
+# may change between a run and its resumption (where the data live, how fast it runs)
+RESUME_FREE = ("train.loader_workers", "train.data_on", "data.cache_dir", "model.unet.conv_impl",
+               "model.patch_groups")
+INFERENCE_FREE = ("model.unet.dtype",)  # may differ from training when evaluating (bfloat16 on a GPU, say)
+PYRAMID_FIELDS = ("data.spacings_mm", "data.finest_size", "data.intensity", "data.ct_window_hu")
+SYNTHETIC_VAL_SEED_OFFSET = 1_000_003  # validation cases of `data.source='synthetic'` never equal training ones
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run (the CLI prints it on one line)."""
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int, num_scales: int):
+  """The model a config's `model` section describes (`num_scales` = pyramid levels in `data.spacings_mm`)."""
+  unet = model_config.unet.to_dict()
+  if model_config.kind == "multiscale":
+    return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
+                            unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
+                            stop_gradient=model_config.stop_gradient,
+                            patch_groups=model_config.get("patch_groups", 0))  # absent from older runs' configs
+  if model_config.kind not in MODEL_KINDS:
+    raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
+  if num_scales != 1:
+    raise ConfigError(f"model.kind={model_config.kind!r} reads one volume: data.spacings_mm must have one "
+                      f"entry, got {num_scales}")
+  if model_config.kind == "single_scale":
+    return single_scale_locnet(num_landmarks, unet=unet, extra_levels=model_config.extra_levels,
+                               com_kind=model_config.com_kind)
+  return HeatmapUNet(num_landmarks, unet=unet)
+
+
+def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.PreprocessSettings:
+  """The pyramid a config's `data` section asks for."""
+  return loader.PreprocessSettings(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
+                                   intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
+
+
+def cpu_workers() -> int:
+  """Processes for preprocessing and data set building: one per core, at most 8."""
+  return min(os.cpu_count() or 1, 8)
+
+
+def afids_landmarks(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(n.strip() for n in data_config.afids_landmarks.split(","))
+
+
+def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Path:
+  """The data set's `dataset.json`; the AFIDs benchmark is built on first use."""
+  if data_config.source == "manifest":
+    if not data_config.manifest:
+      raise ConfigError("data.source='manifest' needs --config.data.manifest=PATH")
+    return Path(data_config.manifest)
+  if data_config.source != "afids":
+    raise ConfigError(f"data.source={data_config.source!r} has no manifest; supported: ('manifest', 'afids')")
+  folder = Path(data_config.afids_dir)
+  if not (folder / "dataset.json").is_file():
+    log(f"building the AFIDs benchmark in {folder} (once)")
+    afids.build(folder, seed=seed, landmarks=afids_landmarks(data_config), workers=cpu_workers(),
+                log=lambda *_: None)
+  return folder / "dataset.json"
+
+
+def cache_dir(data_config: ml_collections.ConfigDict, manifest: dataset.Manifest) -> Path:
+  """The pyramid cache: `data.cache_dir`, else `.locnet_cache` beside the manifest."""
+  return Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"
+
+
+def landmark_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The landmark names a run trained on, from its data config (checkpoints also store them)."""
+  if data_config.source == "synthetic":
+    return tuple(f"L{k}" for k in range(data_config.num_landmarks))
+  if data_config.source == "afids":
+    manifest = Path(data_config.afids_dir) / "dataset.json"
+    if not manifest.is_file():
+      return afids_landmarks(data_config)
+    return dataset.load_manifest(manifest).landmarks
+  return dataset.load_manifest(data_config.manifest).landmarks
+
+
+def load_split(manifest: dataset.Manifest, split: str, settings: loader.PreprocessSettings,
+               cache: Path) -> list[loader.Example]:
+  """The examples of one split, their pyramids cached first (in parallel)."""
+  cases = manifest.split(split)
+  loader.prepare_cases(cases, manifest.landmarks, settings, cache, workers=cpu_workers())
+  return [loader.load_example(c, manifest.landmarks, settings, cache, check=False) for c in cases]
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What training reads: training sources (Examples or cached cases), validation Examples, names."""
+
+  train: list
+  val: list[loader.Example]
+  names: tuple[str, ...]
+  from_files: bool
+
+
+def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Data:
+  """The config's training data: synthetic cases in memory, or a data set preprocessed once into the cache."""
+  if data_config.source == "synthetic":
+    kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
+                  num_landmarks=data_config.num_landmarks)
+    return Data(synthetic.make_cases(seed, data_config.num_train, **kwargs),
+                synthetic.make_cases(seed + SYNTHETIC_VAL_SEED_OFFSET, data_config.num_val, **kwargs),
+                landmark_names(data_config), False)
+  if data_config.source not in DATA_SOURCES:
+    raise ConfigError(f"unsupported data.source {data_config.source!r}; supported: {DATA_SOURCES}")
+  manifest = dataset.load_manifest(manifest_path(data_config, seed=seed, log=log))
+  settings = preprocess_settings(data_config)
+  cache = cache_dir(data_config, manifest)
+  loader.prepare_cases(manifest.split("train") + manifest.split("val"), manifest.landmarks, settings, cache,
+                       workers=cpu_workers())  # once: cached
+  train = [loader.CachedCase(case, manifest.landmarks, settings, cache) for case in manifest.split("train")]
+  val = [loader.load_example(case, manifest.landmarks, settings, cache, check=False)
+         for case in manifest.split("val")]
+  log(f"data: {manifest.path} ({len(train)} train, {len(val)} val cases, {len(manifest.landmarks)} landmarks), "
+      f"cache {cache}")
+  return Data(train, val, manifest.landmarks, True)
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON data (what `config.json` and checkpoints record)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_differences(saved: dict, config: dict, *, prefixes: tuple[str, ...] = ("",),
+                       also_free: tuple[str, ...] = ()) -> list[str]:
+  """'field: saved -> now' for every field under `prefixes` that differs (JSON-normalised), except
+  `RESUME_FREE` and `also_free` ones. A field the saved config lacks (added to the code after the run started) is not a
+  difference: the run is taken to have used its default."""
+  old, new = _flat(saved), _flat(json.loads(json.dumps(config)))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old)
+          if k.startswith(prefixes) and k not in RESUME_FREE + also_free and old.get(k) != new.get(k)]
+
+
+def check_model_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """The config's model and pyramid must be the ones the run in `workdir` was trained with (but
+  `INFERENCE_FREE`): evaluation and prediction rebuild the model from the config."""
+  saved_path = Path(workdir) / "config.json"
+  if not saved_path.is_file():
+    raise io.DataError(saved_path, "no such file: is this a training workdir?")
+  saved = json.loads(saved_path.read_text())
+  differences = config_differences(saved, config_dict(config), prefixes=("model.",) + PYRAMID_FIELDS,
+                                   also_free=INFERENCE_FREE)
+  if differences:
+    raise ConfigError(f"{workdir} was trained with another model or pyramid ({'; '.join(differences)}): "
+                      "pass the training config (and overrides) with --config")

@@ -1,0 +1,1 @@
+"""Stage 2, model: array ops, the U-Net, the Loc-Net chain and baselines, losses, inference."""

@@ -1,0 +1,1 @@
+"""Stage 3, training: the optimisation step, the epoch loop, checkpoints, progress and metrics."""
