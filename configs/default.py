@@ -39,9 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
   model.extra_levels = 1  # "single_scale": U-Net levels added to unet.depth (paper, footnote 2)
   model.heatmap_sigma_mm = 6.0  # "heatmap": std of the Gaussian target blobs (paper: 6 mm)
-  # "heatmap": height of the target blobs. With 1, an all-zero output wins the L2 loss (measured on
-  # synthetic 32^3 at 4 mm, 240 steps: 20.6 mm error with 1, 1.9 mm with 100; on AFIDs demo 117 mm after
-  # 2 epochs with 1); the arg-max prediction does not depend on the scale
+  # "heatmap": height of the target blobs. With 1, an all-zero output wins the L2 loss (measured:
+  # docs/design.md); the arg-max prediction does not depend on the scale
   model.heatmap_peak = 100.0
   # "multiscale": independent U-Net calls the finer scales' patches are split into (speed only, same function):
   # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/model/locnet.py resolve_patch_groups)
@@ -52,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   unet.channel_growth = 2.0  # channel multiplier per level
   unet.convs_per_level = 2  # conv -> norm -> activation blocks per level
   unet.kernel_size = 3
-  unet.norm = "instance"  # "none", "group" or "instance" (instance learned ~2x faster in a CPU test)
+  unet.norm = "instance"  # "none", "group" or "instance" (instance learned faster: docs/design.md)
   unet.norm_groups = 8  # groups for norm="group"
   unet.activation = "relu"  # relu, leaky_relu, elu, gelu, silu
   unet.downsample = "max"  # "max", "max_blur" (anti-aliased, Zhang 2019) or "blur"
@@ -62,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # same parameters and function (see locnet_jax/model/unet.py and benchmarks/conv_impl.py)
   unet.conv_impl = "auto"
   # compute dtype, "float32" or "bfloat16" (GPU tensor cores; parameters and heatmaps stay float32).
-  # bfloat16 on XLA:CPU is slower than float32; measured on GPU in README "Performance"
+  # bfloat16 on XLA:CPU is slower than float32; measured on GPU in docs/performance.md
   unet.dtype = "float32"
 
   config.train = train = ml_collections.ConfigDict()

@@ -6,12 +6,10 @@ which predicts each landmark at its heatmap's largest voxel.
 
 Same grid as configs/single_scale.py (paper 224^3 at 1 mm; "demo" 64^3 at 4 mm), the same U-Net as the
 multi-scale nets, L2 loss on the heatmaps (train.steps.heatmap_train_step);
-target blobs of height 100 (`model.heatmap_peak`: with 1 the output collapses to zero, measured).
+target blobs of height 100 (`model.heatmap_peak`: with 1 the output collapses to zero). Its predictions
+sit on the voxel grid (arg-max).
 
-Measured on 2 CPU cores (demo, 10 epochs, seed 0; `python benchmarks/table1.py --variant demo --epochs 10`):
-139 s per epoch of 48 steps with lax's 3-D convolutions (before `model.unet.conv_impl`), AFIDs test split
-2.10 +- 0.81 mm; its predictions sit on the 4 mm voxel grid (arg-max), whose own rounding error averages
-about 1.9 mm.
+All Table-1 rows: `python benchmarks/table1.py --variant demo --epochs 10`; measured figures: docs/results.md.
 """
 
 import ml_collections

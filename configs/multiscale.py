@@ -5,23 +5,22 @@ the loss-weight schedule, +-5 mm noise injection, trained end to end (Table 1, l
     python train.py --config=configs/multiscale.py:demo --workdir=workdirs/demo         # 2 CPU cores
 
 With no data set named, both train on the AFIDs benchmark (6 landmarks: AC, PC, GENU, SPLE, RLVAC,
-LLVAC), built in data/afids on first use from ../shared or the PyPI wheel (locnet_jax.data.afids.py).
+LLVAC), built in data/afids on first use (locnet_jax/data/afids.py: the template images from the PyPI
+wheel autoafids==0.1.4, or from the folder named in $LOCNET_AFIDS_SOURCE).
 
 Variants (the sizes; every other Table-1 config derives from these):
-  ""              paper size: 448^3 at 0.5 mm (224 mm field of view), 4 scales, 500 epochs of 48 volumes.
-                  Expected time on one H100: about 19 min of training steps (measured step, float32 in
-                  XLA's own layouts: 47 ms with 6 landmarks, 22 ms with 2; channels-last convolutions,
-                  now the default, made the 2-landmark step 1.28x faster on an H200). On a GPU "auto"
-                  keeps the training set on the device and augments it there (7.5 ms a 448^3 pyramid on
-                  an H200; ~11 s per volume per CPU core on the host). Not yet run.
+  ""              paper size: 448^3 at 0.5 mm (224 mm field of view), 4 scales, 500 epochs of 48 volumes;
+                  for a GPU, where "auto" keeps the training set on the device and augments it there.
+                  Not yet run; its expected time: docs/performance.md.
   "demo"          2 CPU cores: 3 scales at 8, 4, 2 mm over 256 mm, 24^3 patches, 8 base channels,
-                  15 epochs (the README's main command; its measured time and errors are there).
-  "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6. Measured on 2 CPU
-                  cores: 23 min 29 s of training (~28 s per epoch), finest-scale validation error 0.40 mm,
-                  AFIDs test split 0.37 mm (50 noisy passes; Pearson r 0.53 between confidence volume and
-                  error), constant baseline 20.57 mm.
+                  15 epochs (the README's first command).
+  "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6, exported with
+                  python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 \\
+                      --out=pretrained/afids6
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
                   tests and a smoke run).
+
+Measured figures (training time, errors, uncertainty): docs/results.md; speed: docs/performance.md.
 """
 
 import ml_collections

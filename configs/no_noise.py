@@ -3,9 +3,10 @@
     python train.py --config=configs/no_noise.py --workdir=workdirs/no_noise        # paper size
     python train.py --config=configs/no_noise.py:demo --workdir=workdirs/no_noise_demo
 
-Everything as configs/multiscale.py except `train.noise=False`.
-Measured on 2 CPU cores (demo, 10 epochs, seed 0; `python benchmarks/table1.py --variant demo --epochs 10`):
-about 30 s per epoch, AFIDs test split 0.96 mm (deterministic pass).
+Everything as configs/multiscale.py except `train.noise=False`; evaluate it on its deterministic pass
+(`--config.eval.num_noise_samples=0`), as Table 1 does.
+
+All Table-1 rows: `python benchmarks/table1.py --variant demo --epochs 10`; measured figures: docs/results.md.
 """
 
 import ml_collections

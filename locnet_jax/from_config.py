@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from locnet_jax import dataset, io
+from locnet_jax import dataset, io, parallel
 from locnet_jax.data import afids, loader, synthetic
 from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
@@ -58,11 +57,6 @@ def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.Prepro
                                    intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
 
 
-def cpu_workers() -> int:
-  """Processes for preprocessing and data set building: one per core, at most 8."""
-  return min(os.cpu_count() or 1, 8)
-
-
 def afids_landmarks(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(n.strip() for n in data_config.afids_landmarks.split(","))
 
@@ -78,7 +72,7 @@ def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=prin
   folder = Path(data_config.afids_dir)
   if not (folder / "dataset.json").is_file():
     log(f"building the AFIDs benchmark in {folder} (once)")
-    afids.build(folder, seed=seed, landmarks=afids_landmarks(data_config), workers=cpu_workers(),
+    afids.build(folder, seed=seed, landmarks=afids_landmarks(data_config), workers=parallel.cpu_workers(),
                 log=lambda *_: None)
   return folder / "dataset.json"
 
@@ -104,7 +98,7 @@ def load_split(manifest: dataset.Manifest, split: str, settings: loader.Preproce
                cache: Path) -> list[loader.Example]:
   """The examples of one split, their pyramids cached first (in parallel)."""
   cases = manifest.split(split)
-  loader.prepare_cases(cases, manifest.landmarks, settings, cache, workers=cpu_workers())
+  loader.prepare_cases(cases, manifest.landmarks, settings, cache, workers=parallel.cpu_workers())
   return [loader.load_example(c, manifest.landmarks, settings, cache, check=False) for c in cases]
 
 
@@ -132,7 +126,7 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
   settings = preprocess_settings(data_config)
   cache = cache_dir(data_config, manifest)
   loader.prepare_cases(manifest.split("train") + manifest.split("val"), manifest.landmarks, settings, cache,
-                       workers=cpu_workers())  # once: cached
+                       workers=parallel.cpu_workers())  # once: cached
   train = [loader.CachedCase(case, manifest.landmarks, settings, cache) for case in manifest.split("train")]
   val = [loader.load_example(case, manifest.landmarks, settings, cache, check=False)
          for case in manifest.split("val")]

@@ -1,4 +1,5 @@
-"""Data parallelism: the batch split over a 1-D ``data`` mesh axis, parameters replicated (jax.sharding).
+"""Parallelism: the batch split over a 1-D ``data`` mesh axis, parameters replicated (jax.sharding); and
+how many processes host-side work (preprocessing, data set building) may use (`cpu_workers`).
 
 Every process (host) iterates the same global batches; each puts its own slice on its local devices
 (`jax.make_array_from_process_local_data`), so one process or many run the same computation. The jitted
@@ -7,6 +8,7 @@ step needs no change: XLA inserts the gradient all-reduce from the shardings.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -14,6 +16,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
+MAX_CPU_WORKERS = 8  # beyond this, preprocessing and building are bound by disk and memory, not cores
+
+
+def cpu_workers() -> int:
+  """Processes for host work (preprocessing, data set building): one per core, at most `MAX_CPU_WORKERS`."""
+  return min(os.cpu_count() or 1, MAX_CPU_WORKERS)
 
 
 def data_mesh(*, batch_size: int, devices=None) -> Mesh:

@@ -4,24 +4,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from locnet_jax import geometry
-
-
-def _oblique_flipped_anisotropic_affine():
-  affine = np.eye(4)
-  rotation = Rotation.from_euler("xyz", [17, -32, 48], degrees=True).as_matrix()
-  affine[:3, :3] = rotation @ np.diag([0.7, -1.3, 2.9])  # anisotropic, y flipped
-  affine[:3, 3] = [-91.5, 120.25, -33.0]
-  return affine
-
+from tests import helpers
 
 AFFINES = {
     "ras_iso": np.diag([1.0, 1.0, 1.0, 1.0]),
     "lps_aniso": np.array([[-0.5, 0, 0, 80.0], [0, -0.8, 0, 100.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]]),
     "permuted_las": np.array([[0, 0, -1.2, 60.0], [0.9, 0, 0, -70.0], [0, 3.0, 0, 10.0], [0, 0, 0, 1]]),
-    "oblique_flipped_anisotropic": _oblique_flipped_anisotropic_affine(),
+    "oblique_flipped_anisotropic": helpers.oblique_affine((17, -32, 48), (0.7, -1.3, 2.9), (-91.5, 120.25, -33.0),
+                                                         order="xyz"),  # anisotropic, y flipped
 }
 
 

@@ -5,18 +5,15 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from locnet_jax import dataset, geometry, io
+from tests import helpers
 
 NAMES = ["AC", "PC", "ICS", "RLVAC"]
 
 
 def _oblique_affine():
-  affine = np.eye(4)
-  affine[:3, :3] = Rotation.from_euler("xyz", [12, -25, 40], degrees=True).as_matrix() @ np.diag([0.8, -1.2, 2.5])
-  affine[:3, 3] = [-80.25, 95.5, -40.0]
-  return affine
+  return helpers.oblique_affine((12, -25, 40), (0.8, -1.2, 2.5), (-80.25, 95.5, -40.0), order="xyz")
 
 
 AFFINES = {
@@ -87,11 +84,8 @@ def test_voxel_world_round_trip_through_a_stored_oblique_affine(tmp_path):
   assert np.linalg.norm(step) == pytest.approx(1.2, rel=1e-6)
 
 
-def test_afids_template_lands_ac_where_its_readme_says():
-  from pathlib import Path
-  root = Path(__file__).resolve().parents[2] / "shared" / "data" / "afids" / "tpl-MNI152NLin2009cAsym"
-  if not root.is_dir():
-    pytest.skip("../shared/data/afids is not beside this checkout")
+def test_afids_template_lands_ac_where_its_readme_says(afids_source):
+  root = afids_source
   volume = io.load_volume(root / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz")
   points = io.read_fcsv(root / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv")
   assert volume.data.shape == (193, 229, 193) and len(points) == 32 and points[0][2] == "AC"

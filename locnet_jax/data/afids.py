@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, io
+from locnet_jax import geometry, io, parallel
 from locnet_jax.data import augment_host, preprocess
 
 # The 32 AFIDs in file order (acronyms from afids-utils' afids_descs.json, MIT licence).
@@ -273,7 +273,7 @@ def build(out_dir, *, num_train: int = 48, num_val: int = 8, num_test: int = 16,
     raise ValueError("need at least one training and one test case (and no negative counts)")
   files = read_source_files(source=source, cache_dir=cache_dir, roles=(modality, "afids"))
   index = [AFID_NAMES.index(n) for n in landmarks]
-  workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+  workers = parallel.cpu_workers() if workers is None else workers
   out_dir = Path(out_dir)
   (out_dir / "images").mkdir(parents=True, exist_ok=True)
   (out_dir / "landmarks").mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,11 @@
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 
 from locnet_jax.eval import metrics
-from locnet_jax.model import inference
-from locnet_jax.model.locnet import MultiScaleLocNet
 
 
 def test_radial_errors_and_their_summary_by_hand():
@@ -75,40 +71,9 @@ def test_calibration_scale_restores_the_nominal_coverage_of_a_too_confident_mode
     metrics.calibration_scale(np.zeros(3), np.ones(3), np.full((2, 3), np.nan))
 
 
-def _pyramid(batch):
-  keys = jax.random.split(jax.random.key(5), 3)
-  volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, (8, 16, 32))]
-  affines = [jnp.diag(jnp.array([s, -s, s, 1.0])).at[:3, 3].set(jnp.array([-16 + s / 2, 16 - s / 2, -16 + s / 2]))
-             for s in (4.0, 2.0, 1.0)]
-  return volumes, affines
 
 
-@pytest.mark.parametrize("chunk_size", [0, 1, 3, 7])  # 0: auto
-def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
-  volumes, affines = _pyramid(batch=2)
-  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
-                           com_kind="softmax", noise_mm=3.0)
-  params = model.init(jax.random.key(0), volumes, affines)["params"]
-  key = jax.random.key(11)
-  out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)
-  single = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k)["pred_mm"][:, -1])
-  loop = np.stack([single(k) for k in jax.random.split(key, 7)], axis=1)  # (B, N, K, 3)
-  np.testing.assert_allclose(out["samples_mm"], loop, atol=1e-4)
-  np.testing.assert_allclose(out["pred_mm"][:, -1], loop.mean(axis=1), atol=1e-4)
-  np.testing.assert_allclose(out["std_mm"], loop.std(axis=1), atol=1e-4)
-  clean = inference.make_predict(model)(params, volumes, affines)
-  np.testing.assert_allclose(out["pred_mm"][:, :-1], clean[:, :-1], atol=1e-5)
-  np.testing.assert_allclose(out["deterministic_mm"], clean[:, -1], atol=1e-5)
-  # and the model's own batched path agrees
-  batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
-  np.testing.assert_allclose(batched["samples_mm"], loop, atol=1e-4)
 
 
-def test_auto_chunk_size_follows_the_backend():
-  assert inference.auto_chunk_size(50) == (1 if jax.default_backend() == "cpu" else 10)
-  assert inference.auto_chunk_size(3) in (1, 3)
 
 
-def test_uncertainty_needs_two_scales():
-  with pytest.raises(ValueError, match=">= 2 scales"):
-    inference.make_uncertainty(MultiScaleLocNet(2, num_scales=1), num_samples=5, chunk_size=5)

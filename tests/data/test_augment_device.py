@@ -8,17 +8,15 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from locnet_jax import geometry
-from locnet_jax.data import augment_device, augment_host, preprocess
+from locnet_jax.data import augment_device, augment_host
+from tests import helpers
 
 NO_INTENSITY = dict(max_gamma=0.0, max_intensity_scale=0.0, max_intensity_shift=0.0, noise_std=0.0)
 
 
 def _oblique_affine():
   """Rotated, x-flipped, anisotropic voxel -> RAS mm."""
-  linear = Rotation.from_euler("zyx", [25, -10, 40], degrees=True).as_matrix() @ np.diag([-1.2, 0.9, 2.0])
-  affine = np.eye(4)
-  affine[:3, :3], affine[:3, 3] = linear, [10.0, -20.0, 5.0]
-  return affine
+  return helpers.oblique_affine((25, -10, 40), (-1.2, 0.9, 2.0), (10.0, -20.0, 5.0), order="zyx")
 
 
 def test_rotation_matches_scipys_extrinsic_xyz():
@@ -42,20 +40,12 @@ def test_transform_volume_equals_the_hosts_on_an_oblique_grid():
   np.testing.assert_allclose(device, host, atol=2e-4)
 
 
-def _blob_pyramid(center_mm, sigma_mm=4.0):
+def _blob_pyramid(center_mm):
+  """A blob on a ~1.5 mm oblique, flipped grid centred on the world origin."""
   affine = _oblique_affine()
-  affine[:3, :3] /= np.abs(affine[:3, :3]).sum(0).max() / 1.5  # ~1.5 mm voxels, still oblique and flipped
-  shape = (40, 40, 40)
-  affine[:3, 3] -= geometry.vox_to_mm((np.array(shape) - 1) / 2, affine)  # grid centred on the origin
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
-  data = np.exp(-np.sum((geometry.vox_to_mm(grid, affine) - center_mm) ** 2, -1) / (2 * sigma_mm ** 2))
-  return preprocess.build_pyramid(data.astype(np.float32), affine, spacings_mm=(4.0, 2.0), finest_size=32)
-
-
-def _com_mm(volume, affine):
-  w = np.clip(volume - np.median(volume), 0, None) ** 2
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij"), -1)
-  return geometry.vox_to_mm((grid * w[..., None]).sum((0, 1, 2)) / w.sum(), affine)
+  affine[:3, :3] /= np.abs(affine[:3, :3]).sum(0).max() / 1.5
+  affine[:3, 3] -= geometry.vox_to_mm(np.array([19.5] * 3), affine)
+  return helpers.blob_pyramid(center_mm, affine_=affine)
 
 
 def _batch(pyramids, targets):
@@ -78,7 +68,7 @@ def test_image_and_landmarks_move_together_per_case():
   assert np.linalg.norm(shifts[0] - shifts[1]) > 0.5  # each case drew its own transform
   for b, pyramid in enumerate(pyramids):
     for s, tol in zip(range(2), (0.8, 0.5)):  # the blob CoM estimate's own error (measured up to 0.33 at 2 mm)
-      np.testing.assert_allclose(_com_mm(np.asarray(out["volumes"][s][b]), pyramid.affines[s]), moved[b, 0],
+      np.testing.assert_allclose(helpers.com_mm(np.asarray(out["volumes"][s][b]), pyramid.affines[s]), moved[b, 0],
                                  atol=tol)
     for s in range(2):
       np.testing.assert_array_equal(np.asarray(out["affines"][s][b]), np.asarray(batch["affines"][s][b]))

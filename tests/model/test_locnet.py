@@ -9,52 +9,12 @@ from scipy.spatial.transform import Rotation
 from locnet_jax import geometry
 from locnet_jax.model import losses
 from locnet_jax.model.locnet import HeatmapUNet, LocNet, MultiScaleLocNet, single_scale_locnet
+from tests import helpers
 
 TINY_UNET = dict(depth=1, base_channels=4)
 
 
-def _affine(spacing, origin, rotation=np.eye(3), flip=(1, 1, 1)):
-  affine = np.eye(4)
-  affine[:3, :3] = rotation @ np.diag(np.asarray(spacing) * np.asarray(flip))
-  affine[:3, 3] = origin
-  return affine
-
-
-def _pyramid(batch=1, sizes=(8, 16, 32), spacings=(4.0, 2.0, 1.0), seed=0):
-  """Random volumes of a world-aligned pyramid covering (-16, 16) mm, with their affines."""
-  keys = jax.random.split(jax.random.key(seed), len(sizes))
-  volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, sizes)]
-  affines = [jnp.asarray(_affine([s] * 3, [-16 + s / 2] * 3), jnp.float32) for s in spacings]
-  return volumes, affines
-
-
 # ---------------------------------------------------------------- exact frames and landmark routing
-
-def _identity_locnet_params(params, num_scales):
-  """Depth-0 U-Nets whose heatmap channel 0 is ReLU(image) and channel 1 is ReLU(-image)."""
-  def scale_params():
-    conv0 = np.zeros((3, 3, 3, 1, 2), np.float32)
-    conv0[1, 1, 1, 0] = [1.0, -1.0]
-    conv1 = np.zeros((3, 3, 3, 2, 2), np.float32)
-    conv1[1, 1, 1] = np.eye(2)
-    head = np.eye(2, dtype=np.float32).reshape(1, 1, 1, 2, 2)
-    return {"unet": {"bottom_conv0": {"kernel": conv0, "bias": np.zeros(2, np.float32)},
-                     "bottom_conv1": {"kernel": conv1, "bias": np.zeros(2, np.float32)},
-                     "head": {"kernel": head, "bias": np.zeros(2, np.float32)}}}
-  new = {"params": {f"scale{s}": scale_params() for s in range(num_scales)}}
-  assert jax.tree.structure(new) == jax.tree.structure(params)
-  return jax.tree.map(jnp.asarray, new)
-
-
-def _blob_volume(affine, shape, centers_mm, amplitudes, sigma_mm):
-  """Gaussian blobs placed in world mm, sampled on the voxel grid of `affine`."""
-  grid_vox = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
-  grid_mm = geometry.vox_to_mm(grid_vox.astype(np.float64), affine)
-  volume = np.zeros(shape)
-  for c, a in zip(centers_mm, amplitudes):
-    volume += a * np.exp(-np.sum((grid_mm - c) ** 2, axis=-1) / (2 * sigma_mm ** 2))
-  return volume.astype(np.float32)
-
 
 def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_affines():
   """Identity nets on blob images: each scale's prediction must be the blobs' world position.
@@ -75,15 +35,15 @@ def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_a
     for s, (spacing, size) in enumerate(zip(spacings, sizes)):
       rot = rotations[b] @ np.diag(flips[b])
       origin = -rot @ (spacing * (np.array(size) - 1) / 2) + 0.37 * s  # grid centre near the origin
-      affine = _affine(spacing, origin, rotations[b], flips[b])
-      volumes[s].append(_blob_volume(affine, size, truth_mm[b], [1.0, -1.0], sigma_mm=1.2 * spacing.max()))
+      affine = helpers.affine(spacing, origin, rotations[b], flips[b])
+      volumes[s].append(helpers.blob_volume(affine, size, truth_mm[b], [1.0, -1.0], sigma_mm=1.2 * spacing.max()))
       affines[s].append(affine)
   volumes = [jnp.asarray(np.stack(v)) for v in volumes]
   affines = [jnp.asarray(np.stack(a), jnp.float32) for a in affines]
 
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(32, 32, 32),
                            unet=dict(depth=0, base_channels=2))
-  params = _identity_locnet_params(model.init(jax.random.key(0), volumes, affines), 3)
+  params = helpers.checked_identity_params(model.init(jax.random.key(0), volumes, affines), 3)
   out = jax.jit(model.apply)(params, volumes, affines)
   pred = np.asarray(out["pred_mm"])
   assert pred.shape == (2, 3, 2, 3)
@@ -99,13 +59,13 @@ def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_a
   # scale 1: sigma 2.7 mm, so ReLU(+-image) clips ~0.5 % of each blob at the midplane (0.05 mm bias)
   np.testing.assert_allclose(pred[:, 1], truth_mm, atol=0.1)
   np.testing.assert_allclose(pred[:, 2], truth_mm, atol=0.01)
-  np.testing.assert_allclose(out["center_mm"][:, 1:], pred[:, :-1], atol=1e-5)
+  helpers.assert_f32_equal(out["center_mm"][:, 1:], pred[:, :-1])
 
 
 # ---------------------------------------------------------------- gradients between scales
 
 def _finest_loss_grads(stop_gradient):
-  volumes, affines = _pyramid(batch=2)
+  volumes, affines = helpers.random_pyramid(batch=2)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
                            stop_gradient=stop_gradient)
   params = model.init(jax.random.key(1), volumes, affines)
@@ -131,7 +91,7 @@ def test_stop_gradient_cuts_every_coarser_scale_exactly():
 
 
 def test_patch_groups_change_speed_not_the_function_or_its_gradients():
-  volumes, affines = _pyramid(batch=2)
+  volumes, affines = helpers.random_pyramid(batch=2)
   target_mm = jnp.array([[[1.0, 2.0, 3.0], [-2.0, 0.0, 1.0], [0.5, 4.0, -1.0]]] * 2)
   key = jax.random.key(5)
   outs, grads = [], []
@@ -145,14 +105,14 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
     outs.append(model.apply(params, volumes, affines, noise_key=key)["pred_mm"])
     grads.append(jax.jit(jax.grad(loss))(params))
   for out, grad in zip(outs[1:], grads[1:]):
-    np.testing.assert_allclose(out, outs[0], atol=1e-4)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5), grad, grads[0])
+    helpers.assert_f32_equal(out, outs[0])
+    helpers.assert_f32_equal(grad, grads[0])  # per leaf, to its largest entry
 
 
 # ---------------------------------------------------------------- noise injection
 
 def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
-  volumes, affines = _pyramid(batch=3)
+  volumes, affines = helpers.random_pyramid(batch=3)
   model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5)
   params = model.init(jax.random.key(0), volumes, affines)
   apply = jax.jit(lambda key: model.apply(params, volumes, affines, noise_key=key))
@@ -160,15 +120,15 @@ def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   a, a_again, b = apply(jax.random.key(7)), apply(jax.random.key(7)), apply(jax.random.key(8))
   np.testing.assert_array_equal(a["pred_mm"], a_again["pred_mm"])
   assert not np.allclose(a["pred_mm"][:, -1], b["pred_mm"][:, -1])
-  np.testing.assert_allclose(a["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], atol=1e-5)  # coarse: untouched
+  helpers.assert_f32_equal(a["pred_mm"][:, :-1], clean["pred_mm"][:, :-1])  # coarse: untouched
   shift = np.asarray(a["center_mm"][:, -1] - clean["pred_mm"][:, -2])
   assert np.all(np.abs(shift) <= 2.5 + 1e-4) and np.abs(shift).max() > 1.0
   # deterministic without a key
-  np.testing.assert_allclose(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"], atol=1e-4)
+  helpers.assert_f32_equal(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"])
 
 
 def test_vmap_over_noise_keys_equals_a_loop():
-  volumes, affines = _pyramid(batch=1)
+  volumes, affines = helpers.random_pyramid(batch=1)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET)
   params = model.init(jax.random.key(0), volumes, affines)
   keys = jax.random.split(jax.random.key(3), 5)
@@ -176,7 +136,7 @@ def test_vmap_over_noise_keys_equals_a_loop():
   batched = jax.jit(jax.vmap(one))(keys)
   assert batched.shape == (5, 1, 3, 2, 3)
   for i in range(5):
-    np.testing.assert_allclose(batched[i], one(keys[i]), atol=1e-4)
+    helpers.assert_f32_equal(batched[i], one(keys[i]))
 
 
 # ---------------------------------------------------------------- shift equivariance
@@ -205,7 +165,7 @@ def test_locnet_is_shift_equivariant_and_blur_pool_reduces_the_error():
   """Shifts by multiples of the pooling stride (2 here) are exact; other shifts only approximately so.
 
   Measured (3 random bias-free depth-1 nets, 32^3; mean error over odd shifts, in voxels) - see the
-  README for the figures: anti-aliased pooling cuts the error several-fold.
+  docs/design.md for the figures: anti-aliased pooling cuts the error several-fold.
   """
   errors = {kind: _shift_errors(kind) for kind in ("max", "max_blur", "blur")}
   for kind, err in errors.items():
@@ -223,7 +183,7 @@ def test_single_scale_locnet_adds_one_level_and_predicts_in_mm():
   model = single_scale_locnet(3, unet=dict(depth=1, base_channels=4))
   assert model.num_scales == 1 and model.unet["depth"] == 2
   volume = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
-  affine = jnp.asarray(_affine([2.0, 1.0, 3.0], [10.0, -5.0, 0.0], flip=(-1, 1, 1)), jnp.float32)
+  affine = jnp.asarray(helpers.affine([2.0, 1.0, 3.0], [10.0, -5.0, 0.0], flip=(-1, 1, 1)), jnp.float32)
   params = model.init(jax.random.key(0), [volume], [affine])
   out = model.apply(params, [volume], [affine])
   assert out["pred_mm"].shape == (2, 1, 3, 3)
@@ -239,7 +199,7 @@ def test_single_scale_locnet_adds_one_level_and_predicts_in_mm():
 def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
   model = HeatmapUNet(2, unet=dict(depth=1, base_channels=4))
   volume = jax.random.normal(jax.random.key(0), (1, 8, 10, 12))
-  affine = jnp.asarray(_affine([1.5, 1.0, 2.0], [0.0, 3.0, -2.0], flip=(1, -1, 1)), jnp.float32)
+  affine = jnp.asarray(helpers.affine([1.5, 1.0, 2.0], [0.0, 3.0, -2.0], flip=(1, -1, 1)), jnp.float32)
   params = model.init(jax.random.key(0), [volume], [affine])
   out = model.apply(params, [volume], [affine])
   heatmap = np.asarray(out["heatmap"])
@@ -257,7 +217,7 @@ def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
 ])
 def test_output_shapes(batch, num_scales, num_landmarks, patch):
   sizes, spacings = (8, 16, 32, 64)[:num_scales], (8.0, 4.0, 2.0, 1.0)[:num_scales]
-  volumes, affines = _pyramid(batch, sizes, spacings)
+  volumes, affines = helpers.random_pyramid(batch, sizes, spacings)
   model = MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=patch, unet=TINY_UNET)
   params = model.init(jax.random.key(0), volumes, affines)
   out = jax.jit(model.apply)(params, volumes, affines)
@@ -288,14 +248,14 @@ def test_bad_model_arguments(make, message):
     (lambda v, a: ([v[0][:, :6, :6, :6], v[1], v[2]], a), "divisible by 2\\*\\*depth"),
 ])
 def test_bad_model_inputs(edit, message):
-  volumes, affines = _pyramid(batch=2)
+  volumes, affines = helpers.random_pyramid(batch=2)
   model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=2, base_channels=4))
   with pytest.raises(ValueError, match=message):
     model.init(jax.random.key(0), *edit(volumes, affines))
 
 
 def test_noise_needs_two_scales():
-  volumes, affines = _pyramid(batch=1, sizes=(8,), spacings=(4.0,))
+  volumes, affines = helpers.random_pyramid(batch=1, sizes=(8,), spacings=(4.0,))
   model = MultiScaleLocNet(1, num_scales=1, unet=TINY_UNET)
   params = model.init(jax.random.key(0), volumes, affines)
   with pytest.raises(ValueError, match="at least 2 scales"):
@@ -303,7 +263,7 @@ def test_noise_needs_two_scales():
 
 
 def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
-  volumes, affines = _pyramid(batch=2, sizes=(8, 16, 32), seed=3)
+  volumes, affines = helpers.random_pyramid(batch=2, sizes=(8, 16, 32), seed=3)
   model = MultiScaleLocNet(3, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
                            com_kind="softmax", noise_mm=4.0)
   params = model.init(jax.random.key(0), volumes, affines)
@@ -313,11 +273,10 @@ def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
   loop = [single(params, k) for k in jax.random.split(key, 5)]
   assert batched["samples_mm"].shape == (2, 5, 3, 3)
   for n, out in enumerate(loop):
-    np.testing.assert_allclose(batched["samples_mm"][:, n], out["pred_mm"][:, -1], atol=1e-4)
-  np.testing.assert_allclose(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0),
-                             atol=1e-4)
+    helpers.assert_f32_equal(batched["samples_mm"][:, n], out["pred_mm"][:, -1])
+  helpers.assert_f32_equal(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0))
   clean = model.apply(params, volumes, affines)  # the coarser scales ran once, without noise
-  np.testing.assert_allclose(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], atol=1e-5)
+  helpers.assert_f32_equal(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1])
   spread = np.asarray(batched["samples_mm"]).std(axis=1)
   assert np.all(spread > 0)  # the samples differ: each had its own shift
   with pytest.raises(ValueError, match="num_samples needs a noise_key"):

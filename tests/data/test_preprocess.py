@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from locnet_jax import geometry
 from locnet_jax.data import preprocess
+from tests import helpers
 
 
 def _linear_image(shape, affine, coefficients=(0.3, -0.7, 1.1), offset=5.0):
@@ -15,10 +15,7 @@ def _linear_image(shape, affine, coefficients=(0.3, -0.7, 1.1), offset=5.0):
 
 
 def _oblique_affine():
-  affine = np.eye(4)
-  affine[:3, :3] = Rotation.from_euler("zyx", [20, 10, -15], degrees=True).as_matrix() @ np.diag([1.2, -0.9, 1.5])
-  affine[:3, 3] = [-30.0, 25.0, -20.0]
-  return affine
+  return helpers.oblique_affine((20, 10, -15), (1.2, -0.9, 1.5), (-30.0, 25.0, -20.0), order="zyx")
 
 
 def test_every_level_samples_the_image_at_its_own_world_positions():

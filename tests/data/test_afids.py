@@ -10,8 +10,6 @@ import scipy.ndimage
 from locnet_jax import dataset, geometry, io
 from locnet_jax.data import afids
 
-SHARED = afids.DEFAULT_SOURCE
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/afids is not beside this checkout")
 LANDMARKS = ("AC", "PC", "GENU", "SPLE", "RLVAC", "LOSF")
 
 
@@ -24,12 +22,10 @@ def _neighbourhood(volume, center_mm, axes_mm, radius=4):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-  if not SHARED.is_dir():
-    pytest.skip("../shared/data/afids is not beside this checkout")
+def built(tmp_path_factory, afids_source):
   out = tmp_path_factory.mktemp("afids")
   manifest = afids.build(out, num_train=2, num_val=0, num_test=1, seed=3, landmarks=LANDMARKS, elastic=False,
-                         workers=2, log=lambda *_: None)
+                         workers=2, source=afids_source, log=lambda *_: None)
   return out, manifest
 
 
@@ -44,11 +40,11 @@ def test_the_data_set_is_the_same_for_any_worker_count(built, tmp_path):
     np.testing.assert_array_equal(io.load_landmarks(a.landmarks, LANDMARKS), io.load_landmarks(b.landmarks, LANDMARKS))
 
 
-def test_image_and_landmarks_are_moved_by_the_same_transform(built):
+def test_image_and_landmarks_are_moved_by_the_same_transform(built, afids_source):
   out, manifest_path = built
   manifest = dataset.load_manifest(manifest_path)
   info = json.loads((out / "build_info.json").read_text())
-  files = afids.read_source_files(source=SHARED)
+  files = afids.read_source_files(source=afids_source)
   template = afids.load_template(files["T1w"])
   original = afids.parse_afids(files["afids"])[[afids.AFID_NAMES.index(n) for n in LANDMARKS]]
   assert manifest.landmarks == LANDMARKS and len(manifest.cases) == 3
@@ -81,8 +77,8 @@ def test_cases_differ_and_are_stored_in_varied_orientations_and_formats(built):
     io.check_landmarks_in_image(io.load_landmarks(case.landmarks, LANDMARKS), LANDMARKS, volume, case.image)
 
 
-def test_same_seed_same_case_and_elastic_points_follow_the_warp():
-  files = afids.read_source_files(source=SHARED) if SHARED.is_dir() else pytest.skip("no shared folder")
+def test_same_seed_same_case_and_elastic_points_follow_the_warp(afids_source):
+  files = afids.read_source_files(source=afids_source)
   template = afids.load_template(files["T1w"])
   original = afids.parse_afids(files["afids"])[:4]
   a = afids.make_case(template, original, np.random.default_rng(5), elastic=True, intensity=False)
@@ -113,18 +109,17 @@ def test_reoriented_grid_keeps_the_field_of_view():
   assert np.allclose(np.diag(lps)[:3], [-1, -1, 1])
 
 
-@needs_shared
-def test_wheel_files_are_read_and_md5_checked(tmp_path):
+def test_wheel_files_are_read_and_md5_checked(tmp_path, afids_source):
   wheel = tmp_path / "autoafids-0.1.4-py3-none-any.whl"
   with zipfile.ZipFile(wheel, "w") as z:
     for role in ("T1w", "afids"):
-      z.write(SHARED / afids.FILES[role][0], afids.WHEEL[2] + afids.FILES[role][0])
+      z.write(afids_source / afids.FILES[role][0], afids.WHEEL[2] + afids.FILES[role][0])
   files = afids.read_wheel(wheel)
   assert afids.parse_afids(files["afids"]).shape == (32, 3)
   bad = tmp_path / "bad.whl"
   with zipfile.ZipFile(bad, "w") as z:
     z.writestr(afids.WHEEL[2] + afids.FILES["T1w"][0], b"not the template")
-    z.write(SHARED / afids.FILES["afids"][0], afids.WHEEL[2] + afids.FILES["afids"][0])
+    z.write(afids_source / afids.FILES["afids"][0], afids.WHEEL[2] + afids.FILES["afids"][0])
   with pytest.raises(io.DataError, match="md5"):
     afids.read_wheel(bad)
   with pytest.raises(io.DataError, match="missing AFIDs source file"):
@@ -157,12 +152,12 @@ def test_cli_reports_bad_source_in_one_line(tmp_path, capsys):
 
 def test_rater_errors_move_with_each_case_and_match_the_published_range(built):
   out, _ = built
-  errors = afids.rater_errors(out, split="train", source=SHARED)
+  errors = afids.rater_errors(out, split="train")  # the shipped raters' files
   info = json.loads((out / "build_info.json").read_text())
   assert sorted(errors) == ["rater01", "rater02", "rater03", "rater04"]
   index = [afids.AFID_NAMES.index(n) for n in LANDMARKS]
-  consensus = afids.parse_afids((SHARED / afids.FILES["afids"][0]).read_bytes())[index]
-  rater = afids.parse_afids(next((SHARED / "raters").glob("*rater01*")).read_bytes())[index]
+  consensus = afids.parse_afids((afids.RESOURCES / afids.FILES["afids"][0]).read_bytes())[index]
+  rater = afids.parse_afids(next((afids.RESOURCES / "raters").glob("*rater01*")).read_bytes())[index]
   train = [np.asarray(c["transform_world"]) for c in info["cases"] if c["split"] == "train"]
   assert errors["rater01"].shape == (len(train), len(LANDMARKS))
   linear = train[0][:3, :3]  # a translation cancels, the rotation-scale part does not
@@ -189,7 +184,6 @@ def test_local_contrast_sees_an_edge_and_not_a_flat_region_on_an_oblique_anisotr
   assert contrast[0] == pytest.approx(0.5 * (100 - 20) / 100, rel=0.1)  # half the ball on each side
 
 
-@needs_shared
-def test_landmark_contrast_of_the_template():
-  contrast = afids.landmark_contrast(("AC", "GENU"), source=SHARED)
+def test_landmark_contrast_of_the_template(afids_source):
+  contrast = afids.landmark_contrast(("AC", "GENU"), source=afids_source)
   assert sorted(contrast) == ["AC", "GENU"] and all(0.0 < v < 1.0 for v in contrast.values())

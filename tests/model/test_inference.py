@@ -1,0 +1,40 @@
+"""Test-time uncertainty: the noise passes in one call equal the loop of single noisy passes, in any chunking."""
+
+import jax
+import numpy as np
+import pytest
+
+from locnet_jax.model import inference
+from locnet_jax.model.locnet import MultiScaleLocNet
+from tests import helpers
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1, 3, 7])  # 0: auto
+def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
+  volumes, affines = helpers.random_pyramid(batch=2, seed=5, flip=(1, -1, 1))
+  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
+                           com_kind="softmax", noise_mm=3.0)
+  params = model.init(jax.random.key(0), volumes, affines)["params"]
+  key = jax.random.key(11)
+  out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)
+  single = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k)["pred_mm"][:, -1])
+  loop = np.stack([single(k) for k in jax.random.split(key, 7)], axis=1)  # (B, N, K, 3)
+  helpers.assert_f32_equal(out["samples_mm"], loop)
+  helpers.assert_f32_equal(out["pred_mm"][:, -1], loop.mean(axis=1))
+  helpers.assert_f32_equal(out["std_mm"], loop.std(axis=1), scale=loop)  # a spread of those coordinates
+  clean = inference.make_predict(model)(params, volumes, affines)
+  helpers.assert_f32_equal(out["pred_mm"][:, :-1], clean[:, :-1])
+  helpers.assert_f32_equal(out["deterministic_mm"], clean[:, -1])
+  # and the model's own batched path agrees
+  batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
+  helpers.assert_f32_equal(batched["samples_mm"], loop)
+
+
+def test_auto_chunk_size_follows_the_backend():
+  assert inference.auto_chunk_size(50) == (1 if jax.default_backend() == "cpu" else 10)
+  assert inference.auto_chunk_size(3) in (1, 3)
+
+
+def test_uncertainty_needs_two_scales():
+  with pytest.raises(ValueError, match=">= 2 scales"):
+    inference.make_uncertainty(MultiScaleLocNet(2, num_scales=1), num_samples=5, chunk_size=5)
