@@ -1,5 +1,10 @@
 """Fixtures shared by the test folders. Builders they use are in tests/helpers.py.
 
+Every compilation longer than half a second goes to a persistent JAX compilation cache in a temporary
+folder of this session, which the subprocesses (train.py, predict.py, ...) inherit through
+JAX_COMPILATION_CACHE_DIR: the same tiny model compiled by ten tests is compiled once. The cache starts
+empty every session (what CI measures) and holds executables, not results, so no assertion changes.
+
 Expensive things are made once per session: the tiny trained run every test that needs a trained model
 reads (tests write their own outputs under their own tmp_path, never into the run), and the folder of
 AFIDs template files (from $LOCNET_AFIDS_SOURCE if set, else extracted from the autoafids wheel, the
@@ -10,14 +15,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
+_JAX_CACHE = tempfile.mkdtemp(prefix="locnet-tests-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE  # before JAX is imported here or in a subprocess
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-from locnet_jax.data import afids
-from tests import helpers
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from locnet_jax.data import afids  # noqa: E402
+from tests import helpers  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 TINY_RUN_OVERRIDES = ["--config=configs/multiscale.py:demo", "--config.data.source=manifest",
                       "--config.data.spacings_mm=(8.0, 4.0)", "--config.data.finest_size=16",

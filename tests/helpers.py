@@ -29,9 +29,11 @@ def f32_atol(reference, *, ulps: float = F32_ULPS) -> float:
 
   Rounding in a float32 sum scales with the largest terms summed, not with each result's own size: a
   small entry of a gradient whose entries reach 30 can move by 1e-5 when the summation order changes
-  (AVX2 against AVX-512), far beyond its own relative epsilon. So the tolerance is `ulps` float32
-  epsilons of the largest magnitude in `reference`. A real fault (a wrong patch, a lost term) moves
-  values by a sizeable fraction of that magnitude, thousands of times more.
+  (AVX2 against AVX-512), far beyond its own relative epsilon, and a gradient that is zero in exact
+  arithmetic (a bias before a normalisation) is rounding noise of the size of the others. So the
+  tolerance is `ulps` float32 epsilons of the largest magnitude anywhere in `reference` (an array or a
+  pytree: a whole gradient). A real fault (a wrong patch, a lost term) moves values by a sizeable
+  fraction of that magnitude, thousands of times more.
   """
   leaves = [np.abs(np.asarray(x, np.float64)) for x in jax.tree.leaves(reference)]
   scale = max((float(x.max()) for x in leaves if x.size), default=0.0)
@@ -39,12 +41,14 @@ def f32_atol(reference, *, ulps: float = F32_ULPS) -> float:
 
 
 def assert_f32_equal(actual, expected, *, ulps: float = F32_ULPS, scale=None, err_msg: str = "") -> None:
-  """`actual` equals `expected` (arrays or pytrees of float32 results) up to `f32_atol` of each leaf of
-  `expected`, or of `scale` when the result derives from larger values (a spread of coordinates: the
-  coordinates)."""
+  """`actual` equals `expected` (arrays or pytrees of float32 results, compared leaf by leaf) up to
+  `f32_atol` of the whole of `expected`, or of `scale` when the result derives from larger values (a
+  spread of coordinates: the coordinates)."""
+  atol = f32_atol(expected if scale is None else scale, ulps=ulps)
+
   def check(a, e):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=0,
-                               atol=f32_atol(e if scale is None else scale, ulps=ulps), err_msg=err_msg)
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=0, atol=atol,
+                               err_msg=err_msg)
   jax.tree.map(check, actual, expected)
 
 

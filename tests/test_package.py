@@ -3,10 +3,12 @@ shipped resources, declares requirements.txt's runtime ranges, and, installed in
 environment, imports and predicts from outside the repository exactly as the repository's code does.
 
 The wheel is built from a copy of the checkout's files (tracked and untracked-but-not-ignored), because
-setuptools leaves `build/` and `locnet_jax.egg-info/` in the folder it builds in. The fresh environment
-gets the running interpreter's site-packages (jax, flax, ...) through a `.pth` file: nothing is
-downloaded, and `--system-site-packages` alone would give only the base interpreter's packages when the
-tests run inside a virtual environment. The repository is never on its `sys.path`.
+setuptools leaves `build/` and `locnet_jax.egg-info/` in the folder it builds in; with the installed
+setuptools when it can build wheels by itself (>= 70.1, or with the `wheel` package), offline, else in
+pip's isolated build environment (which fetches setuptools from the package index). The fresh environment
+gets the running interpreter's site-packages (jax, flax, ...) through a `.pth` file, so installing
+downloads nothing; `--system-site-packages` alone would give only the base interpreter's packages when
+the tests run inside a virtual environment. The repository is never on its `sys.path`.
 """
 
 import csv
@@ -23,14 +25,13 @@ import jax
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
-from scipy.spatial.transform import Rotation
 
 import locnet_jax
-from configs import multiscale
-from locnet_jax import from_config, geometry, io
+from locnet_jax import from_config, io
 from locnet_jax.data import loader
 from locnet_jax.eval import predict
 from locnet_jax.train import checkpoints
+from tests import helpers
 
 pytestmark = pytest.mark.slow
 
@@ -83,9 +84,10 @@ def _fresh_venv(folder: Path) -> Path:
   _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", folder], cwd=folder.parent)
   python = folder / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
   own = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=folder.parent)
-  parents = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+  # every site-packages folder the running interpreter reads, those a .pth file added included (in order)
+  parents = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")] + site.getsitepackages()
   (Path(own.stdout.strip()) / "_running_interpreter_site.pth").write_text(
-      "".join(f"{p}\n" for p in parents if Path(p).is_dir()))
+      "".join(f"{p}\n" for p in dict.fromkeys(parents) if Path(p).is_dir()))
   return python
 
 
@@ -164,34 +166,22 @@ print("\\n".join(names))
 
 
 def _oblique_image(path: Path) -> Path:
-  """An anisotropic, oblique, LPS-flipped NIfTI with a bright and a dark blob on a gentle gradient."""
-  rotation = Rotation.from_euler("xyz", [14, -9, 23], degrees=True).as_matrix()
-  affine = np.eye(4)
-  affine[:3, :3] = np.diag([-1, -1, 1]) @ rotation @ np.diag([3.3, 2.8, 3.9])
+  """An anisotropic, oblique, x-flipped NIfTI centred near the world origin: a bright and a dark blob."""
   shape = (30, 34, 26)
+  affine = helpers.oblique_affine(angles_deg=(14, -9, 23), spacing=(-3.3, 2.8, 3.9), origin=(0.0, 0.0, 0.0))
   affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
-  grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
-  grid_mm = geometry.vox_to_mm(grid, affine)
-  image = 0.002 * grid_mm[..., 0] + sum(
-      a * np.exp(-np.sum((grid_mm - c) ** 2, -1) / (2 * 6.0 ** 2)) for c, a in zip(BLOBS_MM, (1.0, -1.0)))
-  io.save_volume(path, image.astype(np.float32), affine)
+  image = helpers.blob_volume(affine, shape, BLOBS_MM, (1.0, -1.0), sigma_mm=6.0)
+  io.save_volume(path, image + 0.002 * helpers.voxel_grid_mm(affine, shape)[..., 0].astype(np.float32), affine)
   return path
 
 
 def _tiny_exported_model(folder: Path, image: Path) -> Path:
-  """An untrained 2-scale model (8 and 4 mm, 8^3 patches, 2 channels, depth 1) exported as predict.py
-  reads it. Its parameters are drawn with numpy into the shapes `jax.eval_shape` gives: no XLA work here
-  (an eager or jitted `model.init` costs 10-30 s on 2 CPU cores, and each predict_images pays one)."""
-  config = multiscale.get_config("synthetic_demo")
-  config.data.spacings_mm = (8.0, 4.0)
-  config.data.finest_size = 32
-  config.model.patch_size = 8
-  config.model.unet.base_channels = 2
-  config.model.unet.depth = 1
-  config.model.unet.conv_impl = "xla"  # speed only (same function): fewer ops to compile than "as_2d"
-  config.model.patch_groups = 1
-  config.eval.num_noise_samples = 2
-  model = from_config.create_model(config.model, num_landmarks=len(LANDMARKS), num_scales=2)
+  """An untrained tiny 2-scale model (helpers.tiny_config) exported as predict.py reads it. Its parameters
+  are drawn with numpy into the shapes `jax.eval_shape` gives: no XLA work here (an eager or jitted
+  `model.init` costs 10-30 s on 2 CPU cores, and each predict_images pays one in restore)."""
+  config = helpers.tiny_config(**{"eval.num_noise_samples": 2, "model.patch_groups": 1,
+                                  "model.unet.conv_impl": "xla"})  # speed only (same function): fewer ops
+  model = from_config.create_model(config.model, num_landmarks=len(LANDMARKS), num_scales=len(config.data.spacings_mm))
   pyramid = loader.compute_pyramid(image, from_config.preprocess_settings(config.data))
   batch = loader.collate([loader.Example("x", pyramid, np.zeros((0, 3)))])
   shapes = jax.eval_shape(model.init, jax.random.key(0), batch["volumes"], batch["affines"])["params"]

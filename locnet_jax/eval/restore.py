@@ -51,8 +51,8 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
     names = tuple(card["landmarks"])
     model = from_config.create_model(config.model, num_landmarks=len(names), num_scales=len(config.data.spacings_mm))
     batch = loader.collate([example])
-    params, card = checkpoints_lib.load_exported(
-        workdir, model.init(jax.random.key(0), batch["volumes"], batch["affines"])["params"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), batch["volumes"], batch["affines"])  # no compute
+    params, card = checkpoints_lib.load_exported(workdir, shapes["params"])
     return Trained(model, params, names, Path(workdir) / checkpoints_lib.EXPORT_PARAMS, card)
   with checkpoints_lib.Checkpoints(Path(workdir) / "checkpoints") as checkpoints:
     meta = checkpoints.read_meta(best=which == "best")
@@ -61,8 +61,9 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
     names = tuple(meta.get("landmarks") or from_config.landmark_names(ml_collections.ConfigDict(meta["config"]["data"])))
     model = from_config.create_model(config.model, num_landmarks=len(names), num_scales=len(config.data.spacings_mm))
     batch = loader.collate([example])
-    state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
-                                        affines=batch["affines"], learning_rate=config.train.learning_rate)
+    state = jax.eval_shape(lambda: steps.create_train_state(  # the structure only: nothing is computed
+        model, key=jax.random.key(0), volumes=batch["volumes"], affines=batch["affines"],
+        learning_rate=config.train.learning_rate))
     restored = checkpoints.restore_best(state) if which == "best" else checkpoints.restore_latest(state)
     path = checkpoints.best_path() if which == "best" else checkpoints.latest_path()
   return Trained(model, restored.state.params, names, path, meta)
