@@ -1,8 +1,9 @@
 """Fixtures shared by the test folders. Builders they use are in tests/helpers.py.
 
 Every compilation longer than half a second goes to a persistent JAX compilation cache in a temporary
-folder of this session, which the subprocesses (train.py, predict.py, ...) inherit through
-JAX_COMPILATION_CACHE_DIR: the same tiny model compiled by ten tests is compiled once. The cache starts
+folder of this run, which pytest-xdist's workers (one per core, `-n auto` in pyproject.toml) and the
+subprocesses (train.py, predict.py, ...) inherit through the environment: the same tiny model compiled by
+ten tests is compiled once. The cache starts
 empty every session (what CI measures) and holds executables, not results, so no assertion changes.
 
 Expensive things are made once per session: the tiny trained run every test that needs a trained model
@@ -21,9 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-_JAX_CACHE = tempfile.mkdtemp(prefix="locnet-tests-jax-cache-")
+# one cache for the whole run: made by the first process (pytest-xdist's controller, or a plain run) and
+# inherited by the workers it starts through the environment; removed by its maker at the end
+_OWN_CACHE = "LOCNET_TEST_JAX_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["LOCNET_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="locnet-tests-jax-cache-")
+_JAX_CACHE = os.environ["LOCNET_TEST_JAX_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE  # before JAX is imported here or in a subprocess
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -32,16 +38,19 @@ from locnet_jax.data import afids  # noqa: E402
 from tests import helpers  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+  if _OWN_CACHE:  # the controller (or a plain run): after every worker is done
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+
 
 TINY_RUN_OVERRIDES = ["--config=configs/multiscale.py:demo", "--config.data.source=manifest",
                       "--config.data.spacings_mm=(8.0, 4.0)", "--config.data.finest_size=16",
                       "--config.model.patch_size=8", "--config.model.unet.depth=1",
-                      "--config.model.unet.base_channels=2", "--config.train.num_epochs=2",
+                      "--config.model.unet.base_channels=2", "--config.model.patch_groups=1",
+                      "--config.train.num_epochs=2",
                       "--config.eval.num_noise_samples=5", "--config.eval.chunk_size=2"]
 
 

@@ -130,8 +130,10 @@ def checked_identity_params(params: dict, num_scales: int) -> dict:
 
 # ---------------------------------------------------------------- configs and data sets
 
+# patch_groups=1: one U-Net call per scale compiles several times faster than auto's one per patch (the
+# same function: tests/model/test_locnet.py checks it)
 TINY = {"data.spacings_mm": (8.0, 4.0), "data.finest_size": 16, "data.num_train": 2, "data.num_val": 1,
-        "model.patch_size": 8, "model.unet.depth": 1, "model.unet.base_channels": 2}
+        "model.patch_size": 8, "model.unet.depth": 1, "model.unet.base_channels": 2, "model.patch_groups": 1}
 
 
 def tiny_config(variant: str = "synthetic_demo", **changes):
@@ -179,6 +181,7 @@ def tiny_file_config(manifest: Path, cache: Path):
   config.data.source, config.data.manifest, config.data.cache_dir = "manifest", str(manifest), str(cache)
   config.data.spacings_mm, config.data.finest_size = (8.0, 4.0), 16
   config.model.patch_size, config.model.unet.depth, config.model.unet.base_channels = 8, 1, 2
+  config.model.patch_groups = 1
   config.train.num_epochs, config.train.loader_workers = 2, 1
   return config
 

@@ -37,7 +37,7 @@ def test_every_table_1_config_builds_and_runs_one_step(name):
     else:
       config.data.spacings_mm, config.data.finest_size, config.model.patch_size = (8.0, 4.0), 16, 8
       config.model.unet.depth = 1
-    config.model.unet.base_channels, config.data.num_val = 2, 1
+    config.model.unet.base_channels, config.data.num_val, config.model.patch_groups = 2, 1, 1
   num_scales = len(config.data.spacings_mm)
   data = from_config.load_data(config.data, seed=0, log=lambda *_: None)
   model = from_config.create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "locnet_jax"
 RESOURCES = PACKAGE / "data" / "resources"
-TEST_ONLY = {"pytest"}  # requirements.txt lines the package itself does not need at run time
+TEST_ONLY = {"pytest", "pytest-xdist", "setuptools"}  # requirements.txt lines the package does not need at run time
 LANDMARKS = ("A", "B")
 BLOBS_MM = np.array([[9.0, -6.0, 4.0], [-7.0, 8.0, -5.0]])  # a bright and a dark blob, RAS mm
 

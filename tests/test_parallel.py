@@ -21,7 +21,7 @@ from locnet_jax.model.locnet import MultiScaleLocNet
 cases = [synthetic.make_case(np.random.default_rng(i), spacings_mm=(8.0, 4.0), finest_size=16, num_landmarks=2)
          for i in range(4)]
 batch = loader.collate(cases)
-model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
+model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4), patch_groups=1)
 out = {}
 for count in (1, 4):
   mesh = parallel.data_mesh(batch_size=4, devices=jax.devices()[:count])
@@ -40,6 +40,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow
 def test_the_data_parallel_step_equals_the_single_device_step():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=helpers.ROOT, env=env, capture_output=True, text=True,
@@ -49,5 +50,4 @@ def test_the_data_parallel_step_equals_the_single_device_step():
   assert out["1"]["devices"] == 1 and out["4"]["devices"] == 4 and out["4"]["param_devices"] == 4
   assert out["mesh_sizes"] == [4, 3, 1, 4]  # the most devices that split the batch evenly
   assert out["1"]["loss"] == pytest.approx(out["4"]["loss"], rel=1e-5)
-  for one, four in zip(out["1"]["params"], out["4"]["params"]):
-    helpers.assert_f32_equal(four, one)
+  helpers.assert_f32_equal(out["4"]["params"], out["1"]["params"])  # to the scale of all the parameters

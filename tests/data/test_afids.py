@@ -10,6 +10,8 @@ import scipy.ndimage
 from locnet_jax import dataset, geometry, io
 from locnet_jax.data import afids
 
+pytestmark = pytest.mark.xdist_group("afids_built")  # its tests share an expensive fixture: one worker builds it once
+
 LANDMARKS = ("AC", "PC", "GENU", "SPLE", "RLVAC", "LOSF")
 
 

@@ -11,7 +11,8 @@ import pytest
 from locnet_jax import io
 from tests import helpers
 
-pytestmark = pytest.mark.slow  # the end-to-end subprocess tier
+pytestmark = [pytest.mark.slow,  # the end-to-end subprocess tier
+              pytest.mark.xdist_group("tiny_run")]  # its tests share an expensive fixture: one worker builds it once
 
 
 def test_evaluate_and_predict_from_the_shell(tiny_run, tmp_path):

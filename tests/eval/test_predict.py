@@ -38,7 +38,7 @@ def test_a_prediction_for_an_lps_stored_oblique_image_reads_back_at_the_truth_in
   settings = loader.PreprocessSettings(spacings_mm=(2.0, 1.0), finest_size=48, intensity="none")
   example = loader.Example("scan", loader.compute_pyramid(image, settings), TRUTH_MM)
   model = MultiScaleLocNet(2, num_scales=2, patch_shape=(16, 16, 16), noise_mm=1.0,
-                           unet=dict(depth=0, base_channels=2, norm="none"))
+                           unet=dict(depth=0, base_channels=2, norm="none"), patch_groups=1)
   params = helpers.identity_locnet_params(2)
   model.init(jax.random.key(0), loader.collate([example])["volumes"], loader.collate([example])["affines"])
   trained = restore.Trained(model, params, ("A", "B"), tmp_path, {})

@@ -15,6 +15,8 @@ from locnet_jax.data import afids, loader
 from locnet_jax.eval import predict, restore
 from tests import helpers
 
+pytestmark = pytest.mark.xdist_group("afids6_case")  # its tests share an expensive fixture: one worker builds it once
+
 MODEL = helpers.ROOT / "pretrained" / "afids6"
 REFERENCE = json.loads((Path(__file__).parent / "afids6_reference.json").read_text())
 
@@ -30,6 +32,7 @@ def unseen_case(tmp_path_factory, afids_source):
   return dataset.load_manifest(out / "dataset.json").split("test")[0]
 
 
+@pytest.mark.slow  # the shipped model at its size on a built AFIDs case
 def test_the_shipped_model_predicts_as_when_it_was_exported(unseen_case):
   config = restore.saved_config(MODEL)
   example = loader.Example(unseen_case.id, loader.compute_pyramid(unseen_case.image,

@@ -13,7 +13,7 @@ from tests import helpers
 def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   volumes, affines = helpers.random_pyramid(batch=2, seed=5, flip=(1, -1, 1))
   model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
-                           com_kind="softmax", noise_mm=3.0)
+                           com_kind="softmax", noise_mm=3.0, patch_groups=1)
   params = model.init(jax.random.key(0), volumes, affines)["params"]
   key = jax.random.key(11)
   out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)

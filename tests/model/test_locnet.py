@@ -42,7 +42,7 @@ def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_a
   affines = [jnp.asarray(np.stack(a), jnp.float32) for a in affines]
 
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(32, 32, 32),
-                           unet=dict(depth=0, base_channels=2))
+                           unet=dict(depth=0, base_channels=2), patch_groups=1)
   params = helpers.checked_identity_params(model.init(jax.random.key(0), volumes, affines), 3)
   out = jax.jit(model.apply)(params, volumes, affines)
   pred = np.asarray(out["pred_mm"])
@@ -67,7 +67,7 @@ def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_a
 def _finest_loss_grads(stop_gradient):
   volumes, affines = helpers.random_pyramid(batch=2)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
-                           stop_gradient=stop_gradient)
+                           stop_gradient=stop_gradient, patch_groups=1)
   params = model.init(jax.random.key(1), volumes, affines)
   target_mm = jnp.array([[[1.0, 2.0, 3.0], [np.nan] * 3], [[-4.0, 0.5, 2.0], [3.0, -3.0, 1.0]]])
 
@@ -117,7 +117,7 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
 
 def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   volumes, affines = helpers.random_pyramid(batch=3)
-  model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5)
+  model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5, patch_groups=1)
   params = model.init(jax.random.key(0), volumes, affines)
   apply = jax.jit(lambda key: model.apply(params, volumes, affines, noise_key=key))
   clean = jax.jit(lambda: model.apply(params, volumes, affines))()
@@ -133,7 +133,7 @@ def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
 
 def test_vmap_over_noise_keys_equals_a_loop():
   volumes, affines = helpers.random_pyramid(batch=1)
-  model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET)
+  model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, patch_groups=1)
   params = model.init(jax.random.key(0), volumes, affines)
   keys = jax.random.split(jax.random.key(3), 5)
   one = lambda k: model.apply(params, volumes, affines, noise_key=k)["pred_mm"]  # noqa: E731
@@ -222,7 +222,7 @@ def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
 def test_output_shapes(batch, num_scales, num_landmarks, patch):
   sizes, spacings = (8, 16, 32, 64)[:num_scales], (8.0, 4.0, 2.0, 1.0)[:num_scales]
   volumes, affines = helpers.random_pyramid(batch, sizes, spacings)
-  model = MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=patch, unet=TINY_UNET)
+  model = MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=patch, unet=TINY_UNET, patch_groups=1)
   params = model.init(jax.random.key(0), volumes, affines)
   out = jax.jit(model.apply)(params, volumes, affines)
   assert out["pred_mm"].shape == out["center_mm"].shape == (batch, num_scales, num_landmarks, 3)
@@ -253,7 +253,7 @@ def test_bad_model_arguments(make, message):
 ])
 def test_bad_model_inputs(edit, message):
   volumes, affines = helpers.random_pyramid(batch=2)
-  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=2, base_channels=4))
+  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=2, base_channels=4), patch_groups=1)
   with pytest.raises(ValueError, match=message):
     model.init(jax.random.key(0), *edit(volumes, affines))
 
@@ -269,7 +269,7 @@ def test_noise_needs_two_scales():
 def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
   volumes, affines = helpers.random_pyramid(batch=2, sizes=(8, 16, 32), seed=3)
   model = MultiScaleLocNet(3, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
-                           com_kind="softmax", noise_mm=4.0)
+                           com_kind="softmax", noise_mm=4.0, patch_groups=1)
   params = model.init(jax.random.key(0), volumes, affines)
   key = jax.random.key(7)
   batched = jax.jit(lambda p: model.apply(p, volumes, affines, noise_key=key, num_samples=5))(params)

@@ -65,7 +65,7 @@ def test_conv_impls_share_parameters_and_compute_the_same_function():
   nets = {impl: UNet3D(out_channels=3, depth=2, base_channels=4, norm="instance", conv_impl=impl)
           for impl in ("xla", "as_2d")}
   params = nets["xla"].init(jax.random.key(1), x)
-  assert (jax.tree_util.tree_structure(nets["as_2d"].init(jax.random.key(1), x)) ==
+  assert (jax.tree_util.tree_structure(jax.eval_shape(nets["as_2d"].init, jax.random.key(1), x)) ==
           jax.tree_util.tree_structure(params))
   outs = {impl: net.apply(params, x) for impl, net in nets.items()}
   helpers.assert_f32_equal(outs["as_2d"], outs["xla"])

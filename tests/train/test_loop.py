@@ -14,6 +14,7 @@ from locnet_jax.train import loop
 from tests import helpers
 
 
+@pytest.mark.slow  # a whole training run
 def test_same_seed_same_parameters_and_another_seed_differs(tmp_path):
   config = helpers.tiny_config()
   first = loop.train_and_evaluate(config, tmp_path / "a", log=lambda *_: None)
@@ -26,6 +27,7 @@ def test_same_seed_same_parameters_and_another_seed_differs(tmp_path):
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
 
 
+@pytest.mark.slow  # a whole training run
 def test_best_checkpoint_is_the_lowest_validation_error(tmp_path):
   config = helpers.tiny_config(**{"train.num_epochs": 4})
   summary = loop.train_and_evaluate(config, tmp_path, log=lambda *_: None)
@@ -43,6 +45,7 @@ def test_best_checkpoint_is_the_lowest_validation_error(tmp_path):
 
 
 
+@pytest.mark.slow  # a whole training run
 def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_path):
   config = helpers.tiny_config(**{"train.num_epochs": 4})
   loop.train_and_evaluate(config, tmp_path / "whole", log=lambda *_: None)
@@ -65,6 +68,7 @@ def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_pa
   assert not list(latest.glob("*tmp*")) and summary["epoch"] == 3
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   real = loop.make_train_step
 
@@ -91,6 +95,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_workdir_refuses_another_config_but_not_other_loader_workers(tmp_path):
   loop.train_and_evaluate(helpers.tiny_config(**{"train.num_epochs": 1}), tmp_path, log=lambda *_: None)
   with pytest.raises(from_config.ConfigError, match=r"model.unet.base_channels: 2 -> 4"):
@@ -127,6 +132,7 @@ def test_a_workdir_refuses_another_config_but_not_other_loader_workers(tmp_path)
 
 
 
+@pytest.mark.slow  # a whole training run
 def test_training_on_a_data_set_fills_the_cache_once(tmp_path, monkeypatch):
   manifest = helpers.tiny_dataset(tmp_path / "data")
   config = helpers.tiny_file_config(manifest, tmp_path / "cache")
@@ -140,6 +146,7 @@ def test_training_on_a_data_set_fills_the_cache_once(tmp_path, monkeypatch):
   assert again["train_loss"] == record["train_loss"]  # same data, same augmentation, same steps
 
 
+@pytest.mark.slow  # a whole training run
 def test_device_augmentation_replaces_the_workers_and_a_resumed_run_replays_it(tmp_path, monkeypatch):
   import shutil
 
@@ -171,6 +178,7 @@ def test_a_bad_augment_on_is_a_config_error(tmp_path):
   assert loop.resolve_augment_on("auto") == ("host" if jax.default_backend() == "cpu" else "device")
 
 
+@pytest.mark.slow  # a whole training run
 def test_a_training_set_on_the_device_trains_exactly_as_the_loader(tmp_path):
   config = helpers.tiny_file_config(helpers.tiny_dataset(tmp_path / "data"), tmp_path / "cache")
   config.train.augment_on, config.train.loader_workers, config.train.data_on = "device", 0, "host"

@@ -14,7 +14,7 @@ def test_training_step_overfits_one_case():
   case = synthetic.make_case(np.random.default_rng(0), spacings_mm=(8.0, 4.0), finest_size=16,
                              num_landmarks=2)
   batch = loader.collate([case])
-  model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
+  model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4), patch_groups=1)
   state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=3e-3)
   step = jax.jit(steps.train_step)
@@ -38,7 +38,7 @@ def test_loss_and_metrics_match_a_direct_computation():
                              num_landmarks=3)
   batch = loader.collate([case])
   batch["target_mm"][0, 1] = np.nan
-  model = MultiScaleLocNet(3, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4))
+  model = MultiScaleLocNet(3, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4), patch_groups=1)
   state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
                                       affines=batch["affines"], learning_rate=1e-3)
   weights = jnp.array([0.25, 0.75])
