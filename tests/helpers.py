@@ -91,8 +91,15 @@ def com_mm(volume: np.ndarray, affine_: np.ndarray) -> np.ndarray:
   return geometry.vox_to_mm((grid * w[..., None]).sum((0, 1, 2)) / w.sum(), affine_)
 
 
+PYRAMID_HALF_WIDTH_MM = 16.0  # `random_pyramid`'s grids reach this far from the world origin
+
+
 def random_pyramid(batch=1, sizes=(8, 16, 32), spacings=(4.0, 2.0, 1.0), seed=0, flip=(1, 1, 1)):
-  """Random volumes of a world-aligned pyramid covering (-16, 16) mm on every axis, with their affines."""
+  """Random volumes of a world-aligned pyramid covering (-16, 16) mm on every axis, with their affines.
+
+  A prediction on it is a centre of mass over voxel coordinates reaching PYRAMID_HALF_WIDTH_MM, so its
+  float32 rounding scales with that width, not with the (often small) result: compare predictions with
+  ``assert_f32_equal(..., scale=PYRAMID_HALF_WIDTH_MM)``."""
   keys = jax.random.split(jax.random.key(seed), len(sizes))
   volumes = [jax.random.normal(k, (batch, n, n, n)) for k, n in zip(keys, sizes)]
   flip = np.asarray(flip, float)

@@ -8,6 +8,8 @@ from locnet_jax.model import inference
 from locnet_jax.model.locnet import MultiScaleLocNet
 from tests import helpers
 
+HALF_WIDTH = helpers.PYRAMID_HALF_WIDTH_MM  # the scale of every prediction's rounding (helpers.random_pyramid)
+
 
 @pytest.mark.parametrize("chunk_size", [0, 1, 3, 7])  # 0: auto
 def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
@@ -19,15 +21,15 @@ def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)
   single = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k)["pred_mm"][:, -1])
   loop = np.stack([single(k) for k in jax.random.split(key, 7)], axis=1)  # (B, N, K, 3)
-  helpers.assert_f32_equal(out["samples_mm"], loop)
-  helpers.assert_f32_equal(out["pred_mm"][:, -1], loop.mean(axis=1))
-  helpers.assert_f32_equal(out["std_mm"], loop.std(axis=1), scale=loop)  # a spread of those coordinates
+  helpers.assert_f32_equal(out["samples_mm"], loop, scale=HALF_WIDTH)
+  helpers.assert_f32_equal(out["pred_mm"][:, -1], loop.mean(axis=1), scale=HALF_WIDTH)
+  helpers.assert_f32_equal(out["std_mm"], loop.std(axis=1), scale=HALF_WIDTH)  # their spread
   clean = inference.make_predict(model)(params, volumes, affines)
-  helpers.assert_f32_equal(out["pred_mm"][:, :-1], clean[:, :-1])
-  helpers.assert_f32_equal(out["deterministic_mm"], clean[:, -1])
+  helpers.assert_f32_equal(out["pred_mm"][:, :-1], clean[:, :-1], scale=HALF_WIDTH)
+  helpers.assert_f32_equal(out["deterministic_mm"], clean[:, -1], scale=HALF_WIDTH)
   # and the model's own batched path agrees
   batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
-  helpers.assert_f32_equal(batched["samples_mm"], loop)
+  helpers.assert_f32_equal(batched["samples_mm"], loop, scale=HALF_WIDTH)
 
 
 def test_auto_chunk_size_follows_the_backend():

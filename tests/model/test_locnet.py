@@ -11,6 +11,8 @@ from locnet_jax.model import losses
 from locnet_jax.model.locnet import HeatmapUNet, LocNet, MultiScaleLocNet, single_scale_locnet
 from tests import helpers
 
+HALF_WIDTH = helpers.PYRAMID_HALF_WIDTH_MM  # the scale of every prediction's rounding (helpers.random_pyramid)
+
 TINY_UNET = dict(depth=1, base_channels=4)
 
 
@@ -109,7 +111,7 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
     outs.append(pred)
     grads.append(grad)
   for out, grad in zip(outs[1:], grads[1:]):
-    helpers.assert_f32_equal(out, outs[0])
+    helpers.assert_f32_equal(out, outs[0], scale=HALF_WIDTH)
     helpers.assert_f32_equal(grad, grads[0])  # to the scale of the whole gradient
 
 
@@ -124,11 +126,11 @@ def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   a, a_again, b = apply(jax.random.key(7)), apply(jax.random.key(7)), apply(jax.random.key(8))
   np.testing.assert_array_equal(a["pred_mm"], a_again["pred_mm"])
   assert not np.allclose(a["pred_mm"][:, -1], b["pred_mm"][:, -1])
-  helpers.assert_f32_equal(a["pred_mm"][:, :-1], clean["pred_mm"][:, :-1])  # coarse: untouched
+  helpers.assert_f32_equal(a["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], scale=HALF_WIDTH)  # coarse: untouched
   shift = np.asarray(a["center_mm"][:, -1] - clean["pred_mm"][:, -2])
   assert np.all(np.abs(shift) <= 2.5 + 1e-4) and np.abs(shift).max() > 1.0
   # deterministic without a key
-  helpers.assert_f32_equal(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"])
+  helpers.assert_f32_equal(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"], scale=HALF_WIDTH)
 
 
 def test_vmap_over_noise_keys_equals_a_loop():
@@ -140,7 +142,7 @@ def test_vmap_over_noise_keys_equals_a_loop():
   batched = jax.jit(jax.vmap(one))(keys)
   assert batched.shape == (5, 1, 3, 2, 3)
   for i in range(5):
-    helpers.assert_f32_equal(batched[i], one(keys[i]))
+    helpers.assert_f32_equal(batched[i], one(keys[i]), scale=HALF_WIDTH)
 
 
 # ---------------------------------------------------------------- shift equivariance
@@ -277,10 +279,10 @@ def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
   loop = [single(params, k) for k in jax.random.split(key, 5)]
   assert batched["samples_mm"].shape == (2, 5, 3, 3)
   for n, out in enumerate(loop):
-    helpers.assert_f32_equal(batched["samples_mm"][:, n], out["pred_mm"][:, -1])
-  helpers.assert_f32_equal(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0))
+    helpers.assert_f32_equal(batched["samples_mm"][:, n], out["pred_mm"][:, -1], scale=HALF_WIDTH)
+  helpers.assert_f32_equal(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0), scale=HALF_WIDTH)
   clean = model.apply(params, volumes, affines)  # the coarser scales ran once, without noise
-  helpers.assert_f32_equal(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1])
+  helpers.assert_f32_equal(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], scale=HALF_WIDTH)
   spread = np.asarray(batched["samples_mm"]).std(axis=1)
   assert np.all(spread > 0)  # the samples differ: each had its own shift
   with pytest.raises(ValueError, match="num_samples needs a noise_key"):
