@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 # its own stage. A new module must be placed here before another can import it.
 STAGES = {
     "base": ["xla_env", "parallel", "geometry", "io", "dataset"],
-    "data": ["data.preprocess", "data.augment_host", "data.augment_device", "data.loader", "data.resident",
+    "data": ["data.preprocess", "data.variation", "data.augment_host", "data.augment_device", "data.loader", "data.resident",
              "data.synthetic", "data.afids"],
     "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],

@@ -1,10 +1,13 @@
 """Training-time augmentation of a pyramid and its landmarks, together, deterministic from a NumPy RNG.
 
-A random world transform T (rotation about the grid centre, isotropic scale, translation), optionally
-followed by a smooth elastic displacement d, moves the image content: every level is resampled so that
-the new image at world point p is the old one at inv(T)(p + d(p)), on the same grid (same affines), and
-the landmarks move to where that map sends them (T(l) without d). Intensity changes (gamma,
-scale, shift, noise) are drawn once per case and applied to every level alike (the noise per level).
+A random world transform T (rotation about the grid centre, isotropic and per-axis scale, translation),
+optionally followed by a smooth displacement d (the mild `elastic_mm` field, or the inter-subject-sized
+`deform_mm` one of `variation`), moves the image content: every level is resampled so that the new image
+at world point p is the old one at inv(T)(p + d(p)), on the same grid (same affines), and the landmarks
+move to where that map sends them. Then the contrast changes (`variation`: a random intensity lookup
+table, a bias field, blur, thick slices), then gamma, scale, shift and noise, drawn once per case and
+applied to every level alike (the noise per level); last, an optional random field of view zeroes the
+image outside a box, and the landmarks outside it (or outside the grid) are marked absent.
 The caller seeds the RNG with ``(seed, epoch, case_index)``, so a resumed run replays exactly.
 """
 
@@ -17,7 +20,7 @@ import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
 from locnet_jax import geometry
-from locnet_jax.data import preprocess
+from locnet_jax.data import preprocess, variation
 from locnet_jax.data.preprocess import Pyramid
 
 
@@ -31,12 +34,42 @@ class AugmentSettings:
   max_intensity_shift: float = 0.05  # + U(-s, s)
   noise_std: float = 0.01  # Gaussian noise std
   elastic_mm: float = 0.0  # > 0: a smooth random displacement of up to this many mm (slower)
+  # anatomy (variation): inter-subject-sized deformation and brain size
+  deform_mm: float = 0.0  # > 0: displacement up to this many mm (capped fold-free by the node spacing)
+  deform_spacing_mm: tuple[float, float] = (20.0, 60.0)  # the deformation's wavelength, uniform per case
+  max_axis_scale: float = 0.0  # per-axis factor in [1 - s, 1 + s], on top of the isotropic one
+  # contrast (variation)
+  lut_probability: float = 0.0  # chance of a random intensity lookup table (tissue brightness reordered)
+  lut_knots: int = 8
+  max_bias_log: float = 0.0  # multiplicative bias field exp(U(-b, b)), smooth
+  max_blur_mm: float = 0.0  # Gaussian blur std U(0, b) mm
+  thick_probability: float = 0.0  # chance of thick slices along one random axis
+  max_thickness_mm: float = 6.0  # their thickness U(2, t) mm
+  # field of view (variation): a box outside which the image is zero and the landmarks absent
+  fov_probability: float = 0.0
+  fov_slab_probability: float = 0.5  # a slab along one axis, else a partial volume
+  fov_min_mm: float = 40.0
+  fov_shift_mm: float = 40.0  # extra translation per axis when cropping: which part of the head is seen
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmented:
+  """An augmented case: the pyramid, landmarks (K, 3) RAS mm (NaN if missing or absent), presence (K,)
+  (1 in the image, 0 absent: cut away by the field of view or moved off the grid, NaN unannotated), and
+  the world transform (4, 4) applied."""
+
+  pyramid: Pyramid
+  target_mm: np.ndarray
+  present: np.ndarray
+  transform: np.ndarray
 
 
 def random_transform(rng: np.random.Generator, settings: AugmentSettings, center_mm) -> np.ndarray:
   """World->world (4, 4): rotate and scale about `center_mm`, then translate."""
   linear = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * settings.max_rotation_deg, degrees=True).as_matrix()
   linear = linear * rng.uniform(1 - settings.max_scale, 1 + settings.max_scale)
+  if settings.max_axis_scale:  # drawn only when on: the stream of the settings without it is unchanged
+    linear = linear @ np.diag(rng.uniform(1 - settings.max_axis_scale, 1 + settings.max_axis_scale, 3))
   center = np.asarray(center_mm, np.float64)
   transform = np.eye(4)
   transform[:3, :3] = linear
@@ -92,15 +125,61 @@ def transform_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarr
 
 def augment(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
             settings: AugmentSettings) -> tuple[Pyramid, np.ndarray, np.ndarray]:
-  """Returns (augmented pyramid, moved landmarks (K, 3) RAS mm, the world transform (4, 4))."""
+  """Returns (augmented pyramid, moved landmarks (K, 3) RAS mm, the world transform (4, 4)); see
+  `augment_case` (landmarks absent from the augmented image are NaN here)."""
+  out = augment_case(pyramid, target_mm, rng, settings)
+  return out.pyramid, out.target_mm, out.transform
+
+
+def _contrast(rng: np.random.Generator, settings: AugmentSettings, box) -> dict:
+  """The case's contrast draws (one for every level)."""
+  draws = {"lut": None, "bias": None, "blur_mm": 0.0, "thick": None}
+  if settings.lut_probability and rng.uniform() < settings.lut_probability:
+    draws["lut"] = variation.random_lut(rng, knots=settings.lut_knots)
+  if settings.max_bias_log:
+    draws["bias"] = variation.smooth_log_field(rng, lower_mm=box[0], upper_mm=box[1], max_log=settings.max_bias_log)
+  if settings.max_blur_mm:
+    draws["blur_mm"] = rng.uniform(0.0, settings.max_blur_mm)
+  if settings.thick_probability and rng.uniform() < settings.thick_probability:
+    draws["thick"] = (int(rng.integers(3)), rng.uniform(2.0, settings.max_thickness_mm))
+  return draws
+
+
+def _apply_contrast(volume: np.ndarray, affine: np.ndarray, draws: dict) -> np.ndarray:
+  if draws["lut"] is not None:
+    volume = variation.apply_lut(volume, draws["lut"])
+  if draws["bias"] is not None:
+    log_bias = draws["bias"](variation.voxel_centres_mm(affine, volume.shape)).reshape(volume.shape)
+    volume = volume * np.exp(log_bias)
+  volume = variation.blur(volume, affine, draws["blur_mm"])
+  if draws["thick"] is not None:
+    volume = variation.thick_slices(volume, affine, axis=draws["thick"][0], thickness_mm=draws["thick"][1])
+  return volume
+
+
+def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
+                 settings: AugmentSettings) -> Augmented:
+  """The case under one draw of `settings` (module docstring): image and landmarks moved together."""
   fine = pyramid.affines[-1]
-  center = geometry.vox_to_mm((np.asarray(pyramid.volumes[-1].shape, np.float64) - 1) / 2, fine)
+  shape = pyramid.volumes[-1].shape
+  center = geometry.vox_to_mm((np.asarray(shape, np.float64) - 1) / 2, fine)
+  box = variation.grid_box_mm(fine, shape)
   transform = random_transform(rng, settings, center)
   gamma = np.exp(rng.uniform(-settings.max_gamma, settings.max_gamma))
   scale = rng.uniform(1 - settings.max_intensity_scale, 1 + settings.max_intensity_scale)
   shift = rng.uniform(-settings.max_intensity_shift, settings.max_intensity_shift)
-  field = (ElasticField.over_grid(rng, fine, pyramid.volumes[-1].shape, max_mm=settings.elastic_mm)
+  field = (ElasticField.over_grid(rng, fine, shape, max_mm=settings.elastic_mm)
            if settings.elastic_mm > 0 else None)
+  if settings.deform_mm > 0:
+    spacing = rng.uniform(*settings.deform_spacing_mm)
+    field = variation.random_displacement(rng, lower_mm=box[0], upper_mm=box[1], spacing_mm=spacing,
+                                          max_mm=settings.deform_mm)
+  fov = None
+  if settings.fov_probability and rng.uniform() < settings.fov_probability:
+    transform[:3, 3] += rng.uniform(-1, 1, 3) * settings.fov_shift_mm
+    fov = variation.random_field_of_view(rng, center_mm=center, extent_mm=box[1] - box[0],
+                                         min_mm=settings.fov_min_mm, slab_probability=settings.fov_slab_probability)
+  contrast = _contrast(rng, settings, box)
   volumes = []
   for volume, affine in zip(pyramid.volumes, pyramid.affines):
     if field is None:
@@ -108,9 +187,18 @@ def augment(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
     else:
       moved = preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
                                   world_map=source_points(transform, field))
+    moved = _apply_contrast(moved, affine, contrast)
     moved = np.clip(moved, 0, None) ** gamma * scale + shift
     if settings.noise_std:
       moved = moved + rng.normal(0.0, settings.noise_std, moved.shape)
+    if fov is not None:
+      moved = np.where(fov.mask(affine, moved.shape), moved, 0.0)
     volumes.append(moved.astype(np.float32))
   moved_target = move_points(target_mm, transform=transform, elastic=field)
-  return Pyramid(tuple(volumes), pyramid.affines), moved_target, transform
+  annotated = np.all(np.isfinite(moved_target), axis=-1)
+  inside = variation.FieldOfView(*box).contains(moved_target)
+  if fov is not None:
+    inside &= fov.contains(moved_target)
+  present = np.where(annotated, inside.astype(np.float64), np.nan)
+  moved_target = np.where((present == 1)[:, None], moved_target, np.nan)
+  return Augmented(Pyramid(tuple(volumes), pyramid.affines), moved_target, present, transform)

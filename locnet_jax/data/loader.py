@@ -39,11 +39,20 @@ class PreprocessSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One case ready for the model: its pyramid and landmarks (K, 3) RAS mm (NaN rows if missing)."""
+  """One case ready for the model: its pyramid, landmarks (K, 3) RAS mm (NaN rows if missing or absent)
+  and presence (K,): 1 in the image, 0 absent (cut away), NaN unknown; None: every annotated landmark
+  is in the image (what a data set on disk says)."""
 
   case_id: str
   pyramid: preprocess.Pyramid
   target_mm: np.ndarray
+  present: np.ndarray | None = None
+
+  def presence(self) -> np.ndarray:
+    """(K,) float: `present`, or 1 for each annotated landmark and NaN for the others."""
+    if self.present is not None:
+      return np.asarray(self.present, np.float64)
+    return np.where(np.all(np.isfinite(self.target_mm), axis=-1), 1.0, np.nan)
 
 
 def _file_digest(path: Path) -> str:
@@ -149,9 +158,8 @@ def _augmented(source, seed_triple, settings) -> Example:
   example = source()
   if settings is None:
     return example
-  pyramid, target, _ = augment_host.augment(example.pyramid, example.target_mm,
-                                           np.random.default_rng(seed_triple), settings)
-  return Example(example.case_id, pyramid, target)
+  out = augment_host.augment_case(example.pyramid, example.target_mm, np.random.default_rng(seed_triple), settings)
+  return Example(example.case_id, out.pyramid, out.target_mm, out.present)
 
 
 def _augmented_in_shared_memory(source, seed_triple, settings):
@@ -166,7 +174,7 @@ def _augmented_in_shared_memory(source, seed_triple, settings):
     layout.append((v.shape, v.dtype.str, offset))
     offset += v.nbytes
   block.close()
-  return block.name, layout, example.pyramid.affines, example.target_mm, example.case_id
+  return block.name, layout, example.pyramid.affines, example.target_mm, example.case_id, example.present
 
 
 class _FromSharedMemory:
@@ -176,7 +184,7 @@ class _FromSharedMemory:
     self._future = future
 
   def result(self) -> Example:
-    name, layout, affines, target, case_id = self._future.result()
+    name, layout, affines, target, case_id, present = self._future.result()
     block = shared_memory.SharedMemory(name=name)
     try:
       volumes = tuple(np.ndarray(shape, dtype, buffer=block.buf, offset=offset).copy()
@@ -184,15 +192,17 @@ class _FromSharedMemory:
     finally:
       block.close()
       block.unlink()
-    return Example(case_id, preprocess.Pyramid(volumes, affines), target)
+    return Example(case_id, preprocess.Pyramid(volumes, affines), target, present)
 
 
 def collate(examples: Sequence[Example]) -> dict:
-  """A batch as NumPy arrays: volumes/affines per scale (B, ...), target_mm (B, K, 3), float32."""
+  """A batch as NumPy arrays: volumes/affines per scale (B, ...), target_mm (B, K, 3), present (B, K)
+  (`Example.presence`), float32."""
   count = len(examples[0].pyramid.volumes)
   return {"volumes": [np.stack([e.pyramid.volumes[s] for e in examples]).astype(np.float32) for s in range(count)],
           "affines": [np.stack([e.pyramid.affines[s] for e in examples]).astype(np.float32) for s in range(count)],
-          "target_mm": np.stack([e.target_mm for e in examples]).astype(np.float32)}
+          "target_mm": np.stack([e.target_mm for e in examples]).astype(np.float32),
+          "present": np.stack([e.presence() for e in examples]).astype(np.float32)}
 
 
 def epoch_batches(*, seed: int, epoch: int, count: int, batch_size: int) -> list[np.ndarray]:

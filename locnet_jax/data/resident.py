@@ -21,10 +21,12 @@ from locnet_jax import parallel
 from locnet_jax.data import loader
 
 
-def _stacked(sources: Sequence, storage_dtype: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-  """Stacks examples (or callables returning them) one at a time: host memory ~ the stack + one example."""
+def _stacked(sources: Sequence, storage_dtype: str) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray,
+                                                               np.ndarray]:
+  """Stacks examples (or callables returning them) one at a time: host memory ~ the stack + one example.
+  Returns (volumes per level, affines per level, targets (N, K, 3), presence (N, K))."""
   volumes = affines = None
-  targets = []
+  targets, present = [], []
   for i, source in enumerate(sources):
     example = source if isinstance(source, loader.Example) else source()
     if volumes is None:
@@ -35,13 +37,14 @@ def _stacked(sources: Sequence, storage_dtype: str) -> tuple[list[np.ndarray], l
         raise ValueError(f"case {example.case_id}: level {s} has shape {v.shape}, others {volumes[s].shape[1:]}")
       volumes[s][i], affines[s][i] = v, a
     targets.append(np.asarray(example.target_mm, np.float32))
-  return volumes, affines, np.stack(targets)
+    present.append(example.presence().astype(np.float32))
+  return volumes, affines, np.stack(targets), np.stack(present)
 
 
-def _gather(volumes, affines, target, indices) -> dict:
+def _gather(volumes, affines, target, present, indices) -> dict:
   return {"volumes": [jnp.take(v, indices, axis=0).astype(jnp.float32) for v in volumes],
           "affines": [jnp.take(a, indices, axis=0) for a in affines],
-          "target_mm": jnp.take(target, indices, axis=0)}
+          "target_mm": jnp.take(target, indices, axis=0), "present": jnp.take(present, indices, axis=0)}
 
 
 class ResidentData:
@@ -54,9 +57,8 @@ class ResidentData:
     if jax.process_count() > 1:
       raise ValueError("resident data runs in a single process (each process would hold the whole set)")
     self.batch_size, self.seed, self.count = batch_size, seed, len(sources)
-    volumes, affines, target = _stacked(sources, storage_dtype)
     replicated = parallel.replicated(mesh)
-    self._arrays = jax.device_put((volumes, affines, target), replicated)
+    self._arrays = jax.device_put(_stacked(sources, storage_dtype), replicated)
     self._take = jax.jit(_gather, out_shardings=parallel.batch_sharded(mesh))
 
   @property
