@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 STAGES = {
     "base": ["xla_env", "parallel", "geometry", "io", "dataset"],
     "data": ["data.preprocess", "data.variation", "data.augment_host", "data.augment_device", "data.loader", "data.resident",
-             "data.synthetic", "data.afids"],
+             "data.synthetic", "data.afids", "data.afids_stress"],
     "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],
     "train": ["train.steps", "train.checkpoints", "train.reporting", "train.loop"],
