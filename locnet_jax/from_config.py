@@ -58,7 +58,7 @@ def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.Prepro
 
 
 def afids_landmarks(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return tuple(n.strip() for n in data_config.afids_landmarks.split(","))
+  return afids.parse_names(data_config.afids_landmarks)
 
 
 def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Path:

@@ -220,7 +220,13 @@ def make_case(template: io.Volume, points_mm: np.ndarray, rng: np.random.Generat
           "transform": transform, "orientation": orientation}
 
 
-def _save_int16(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+def parse_names(text: str) -> tuple[str, ...]:
+  """"AC, PC,GENU" -> ("AC", "PC", "GENU"): a comma-separated list of AFID acronyms (blanks dropped)."""
+  return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def save_int16(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+  """A NIfTI stored as int16 with scl_slope (as the benchmark's cases are), replaced atomically."""
   image = nib.Nifti1Image(data.astype(np.float32), None)
   image.set_sform(affine, code=1)
   image.set_qform(affine, code=1)
@@ -244,7 +250,7 @@ def _write_case(job) -> tuple[dict, dict]:
   case = make_case(_WORKER["template"], _WORKER["points"], np.random.default_rng((seed, i)), elastic=elastic)
   case_id = f"case{i:03d}"
   image = f"images/{case_id}.nii.gz"
-  _save_int16(out_dir / image, case["data"], case["affine"])
+  save_int16(out_dir / image, case["data"], case["affine"])
   if i % 2 == 0:
     marks = f"landmarks/{case_id}.mrk.json"
     io.write_mrk_json(out_dir / marks, list(landmarks), case["points_mm"], coordinate_system="LPS")
@@ -333,7 +339,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     build(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test, seed=args.seed,
-          landmarks=tuple(n.strip() for n in args.landmarks.split(",") if n.strip()), modality=args.modality,
+          landmarks=parse_names(args.landmarks), modality=args.modality,
           elastic=args.elastic, source=args.source if args.source in (None, "wheel") else Path(args.source),
           cache_dir=args.cache_dir, workers=args.workers)
   except (io.DataError, ValueError) as e:

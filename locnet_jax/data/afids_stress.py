@@ -136,7 +136,7 @@ def build_stress(out_dir, *, kinds=KINDS, num_cases: int = 8, seed: int = 1000, 
     for i in range(num_cases):
       case = make_stress_case(kind, templates, points, np.random.default_rng((seed, KINDS.index(kind), i)))
       case_id = f"{kind}{i:03d}"
-      afids._save_int16(folder / "images" / f"{case_id}.nii.gz", case["data"], case["affine"])
+      afids.save_int16(folder / "images" / f"{case_id}.nii.gz", case["data"], case["affine"])
       io.write_mrk_json(folder / "landmarks" / f"{case_id}.mrk.json", list(landmarks), case["points_mm"],
                         coordinate_system="LPS")
       cases.append({"id": case_id, "image": f"images/{case_id}.nii.gz", "landmarks": f"landmarks/{case_id}.mrk.json",
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
   try:
     build_stress(args.out, kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
                  num_cases=args.num_cases, seed=args.seed,
-                 landmarks=tuple(n.strip() for n in args.landmarks.split(",") if n.strip()),
+                 landmarks=afids.parse_names(args.landmarks),
                  source=Path(args.source) if args.source else None)
   except (io.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
