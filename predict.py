@@ -5,7 +5,10 @@
 Uses the run's own config (`<workdir>/config.json`) and its best checkpoint, or an exported model folder
 (export_model.py); without --workdir, the model shipped in pretrained/afids6 (see its model.json). Per image, `<name>.mrk.json`
 (LPS, as 3D Slicer saves; open it over the image) and `<name>.csv` (RAS mm, with per-axis std and the 90 %
-confidence volume when the model has >= 2 scales), and all of them in `predictions.csv`. The output folder
+confidence volume when the model has >= 2 scales, calibrated when the model folder carries a calibration),
+and all of them in `predictions.csv`. Each landmark gets a status, `ok`, `uncertain` or `absent` (no
+coordinates; an unplaced point in the .mrk.json) from the model's QC thresholds (locnet_jax/eval/qc.py);
+one warning line per image with any landmark not ok. The output folder
 is replaced as a whole once every prediction is written. Bad input: one line `error: <file>: <problem>`,
 exit status 2.
 """
@@ -36,7 +39,11 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   for p in predictions:
-    print(f"{p['case_id']}: {len(p['pred_mm'][-1])} landmarks ({p['seconds']:.1f} s)")
+    counts = {s: p["status"].count(s) for s in ("ok", "uncertain", "absent")}
+    print(f"{p['case_id']}: {len(p['pred_mm'][-1])} landmarks, " + ", ".join(f"{n} {s}" for s, n in counts.items())
+          + f" ({p['seconds']:.1f} s)")
+  for line in predict.warnings(predictions):
+    print(line, file=sys.stderr)
   print(f"written to {_OUT.value}/ (.mrk.json for 3D Slicer, .csv in RAS mm)")
 
 

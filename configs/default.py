@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "multiscale": independent U-Net calls the finer scales' patches are split into (speed only, same function):
   # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/model/locnet.py resolve_patch_groups)
   model.patch_groups = 0
+  # "multiscale": also predict, per landmark, whether it is in the image (a logit from the heatmaps' mass,
+  # locnet_jax/model/locnet.py Presence), trained on the field-of-view crops of train.augmentation
+  model.presence = False
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)
   unet.base_channels = 16  # channels at full resolution
@@ -73,6 +76,32 @@ def get_config() -> ml_collections.ConfigDict:
   train.schedule = "paper"
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
+  # what the augmentation draws (locnet_jax/data/augment_host.py AugmentSettings: each field's meaning there).
+  # The "variation" fields (deform_mm and after) model other individuals, contrasts and fields of view; they
+  # run on the host only (train.augment_on="host")
+  train.augmentation = aug = ml_collections.ConfigDict()
+  aug.max_rotation_deg = 10.0
+  aug.max_scale = 0.05
+  aug.max_translation_mm = 10.0
+  aug.max_gamma = 0.2
+  aug.max_intensity_scale = 0.1
+  aug.max_intensity_shift = 0.05
+  aug.noise_std = 0.01
+  aug.elastic_mm = 0.0
+  aug.deform_mm = 0.0
+  aug.deform_spacing_mm = (20.0, 60.0)
+  aug.max_axis_scale = 0.0
+  aug.lut_probability = 0.0
+  aug.lut_knots = 8
+  aug.max_bias_log = 0.0
+  aug.max_blur_mm = 0.0
+  aug.thick_probability = 0.0
+  aug.max_thickness_mm = 6.0
+  aug.fov_probability = 0.0
+  aug.fov_slab_probability = 0.5
+  aug.fov_min_mm = 40.0
+  aug.fov_shift_mm = 40.0
+  train.presence_weight = 1.0  # weight of the presence cross-entropy in the loss (model.presence=True)
   train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
   # where augmentation runs: "host" (the loader's workers, scipy; elastic possible), "device" (in JAX on the
   # accelerator, locnet_jax/data/augment_device.py: a GPU fed at paper size), "auto" (host on CPUs, else device)

@@ -20,6 +20,7 @@ class Case:
   image: Path  # absolute
   landmarks: Path | None  # absolute, None for cases without annotations
   split: str
+  absent: tuple[str, ...] = ()  # landmarks known to lie outside the image (a partial field of view)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,12 @@ def load_manifest(path) -> Manifest:
       landmarks = (path.parent / landmarks).resolve()
       if not landmarks.is_file():
         raise DataError(path, f"case {case['id']!r}: landmark file {case['landmarks']!r} does not exist")
-    out.append(Case(id=case["id"], image=image, landmarks=landmarks, split=split))
+    absent = case.get("absent", [])
+    if not isinstance(absent, list) or not all(isinstance(n, str) for n in absent):
+      raise DataError(path, f"case {case['id']!r}: 'absent' must be a list of landmark names")
+    unknown = [n for n in absent if n not in names]
+    if unknown:
+      raise DataError(path, f"case {case['id']!r}: 'absent' names landmarks the manifest does not: {unknown}")
+    out.append(Case(id=case["id"], image=image, landmarks=landmarks, split=split, absent=tuple(absent)))
   return Manifest(path=path, name=str(doc.get("name", path.parent.name)), landmarks=tuple(names),
                   cases=tuple(out))

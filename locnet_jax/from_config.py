@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from locnet_jax import dataset, io, parallel
-from locnet_jax.data import afids, loader, synthetic
+from locnet_jax.data import afids, augment_host, loader, synthetic
 from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
 
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
@@ -39,7 +39,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
     return MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=(model_config.patch_size,) * 3,
                             unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
                             stop_gradient=model_config.stop_gradient,
-                            patch_groups=model_config.get("patch_groups", 0))  # absent from older runs' configs
+                            patch_groups=model_config.get("patch_groups", 0),  # absent from older runs' configs
+                            presence=model_config.get("presence", False))
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:
@@ -49,6 +50,18 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
     return single_scale_locnet(num_landmarks, unet=unet, extra_levels=model_config.extra_levels,
                                com_kind=model_config.com_kind)
   return HeatmapUNet(num_landmarks, unet=unet)
+
+
+def augment_settings(train_config: ml_collections.ConfigDict) -> augment_host.AugmentSettings:
+  """The augmentation a config's `train.augmentation` draws (defaults for fields an older config lacks)."""
+  fields = {f.name for f in dataclasses.fields(augment_host.AugmentSettings)}
+  given = train_config.get("augmentation")
+  given = given.to_dict() if given is not None else {}
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ConfigError(f"unknown train.augmentation fields {unknown}; known: {sorted(fields)}")
+  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(given).items()}
+  return augment_host.AugmentSettings(**values)
 
 
 def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.PreprocessSettings:

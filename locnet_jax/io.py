@@ -287,16 +287,28 @@ def _present(names, points_mm):
   return [(k, name, points_mm[k]) for k, name in enumerate(names) if np.all(np.isfinite(points_mm[k]))]
 
 
-def write_mrk_json(path, names: Sequence[str], points_mm: np.ndarray, *, coordinate_system: str = "RAS") -> None:
-  """A Slicer `.mrk.json` (opens on top of the image in 3D Slicer); missing landmarks are left out."""
+def write_mrk_json(path, names: Sequence[str], points_mm: np.ndarray, *, coordinate_system: str = "RAS",
+                   descriptions: Sequence[str] | None = None, unplaced: Sequence[str] = ()) -> None:
+  """A Slicer `.mrk.json` (opens on top of the image in 3D Slicer); missing landmarks are left out, except
+  those named in `unplaced`, written as Slicer stores a point not placed: ``"positionStatus": "undefined"``
+  and no position (an absent landmark). `descriptions`: one per name (Slicer shows it beside the point)."""
   frame = coordinate_system.upper()
   if frame not in ("RAS", "LPS"):
     raise ValueError(f"coordinate_system must be RAS or LPS, got {coordinate_system!r}")
-  points = [{"id": str(k + 1), "label": name, "description": "", "associatedNodeID": "",
-             "position": [float(v) for v in (xyz if frame == "RAS" else geometry.ras_to_lps(xyz))],
-             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-             "selected": True, "locked": False, "visibility": True, "positionStatus": "defined"}
-            for k, name, xyz in _present(names, points_mm)]
+  if descriptions is not None and len(descriptions) != len(names):
+    raise ValueError(f"descriptions must have one entry per name ({len(names)}), got {len(descriptions)}")
+  placed = {k: xyz for k, _, xyz in _present(names, points_mm)}
+  points = []
+  for k, name in enumerate(names):
+    if k not in placed and name not in unplaced:
+      continue
+    point = {"id": str(k + 1), "label": name, "description": descriptions[k] if descriptions else "",
+             "associatedNodeID": "", "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+             "selected": True, "locked": False, "visibility": True, "positionStatus": "undefined"}
+    if k in placed:
+      xyz = placed[k] if frame == "RAS" else geometry.ras_to_lps(placed[k])
+      point.update(position=[float(v) for v in xyz], positionStatus="defined")
+    points.append(point)
   doc = {"@schema": MRK_SCHEMA, "markups": [{"type": "Fiducial", "coordinateSystem": frame,
                                             "coordinateUnits": "mm", "controlPoints": points}]}
   atomic_write(path, json.dumps(doc, indent=2) + "\n")
@@ -329,7 +341,8 @@ def write_landmarks_csv(path, names: Sequence[str], points_mm: np.ndarray) -> No
   atomic_write(path, out.getvalue())
 
 
-PREDICTION_COLUMNS = ("case_id", "label", "x", "y", "z", "std_x", "std_y", "std_z", "confidence_volume_mm3")
+PREDICTION_COLUMNS = ("case_id", "label", "x", "y", "z", "std_x", "std_y", "std_z", "confidence_volume_mm3",
+                      "presence", "status")
 
 
 def write_predictions_csv(path, rows: Sequence[dict]) -> None:

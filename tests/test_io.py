@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from locnet_jax import dataset, geometry, io
+from locnet_jax.data import loader
 from tests import helpers
 
 NAMES = ["AC", "PC", "ICS", "RLVAC"]
@@ -147,12 +148,13 @@ def test_fcsv_coordinate_system_header(tmp_path, header, expected_x):
 def test_predictions_csv_has_the_documented_columns(tmp_path):
   io.write_predictions_csv(tmp_path / "p.csv", [
       {"case_id": "c0", "label": "AC", "x": 1.5, "y": -2.0, "z": 3.0, "std_x": 0.1, "std_y": 0.2, "std_z": 0.3,
-       "confidence_volume_mm3": 1.25},
-      {"case_id": "c0", "label": "PC", "x": 1.0, "y": 2.0, "z": 3.0, "std_x": float("nan"), "std_y": float("nan"),
-       "std_z": float("nan"), "confidence_volume_mm3": float("nan")}])
+       "confidence_volume_mm3": 1.25, "presence": 0.97, "status": "ok"},
+      {"case_id": "c0", "label": "PC", "x": float("nan"), "y": float("nan"), "z": float("nan"), "std_x": float("nan"),
+       "std_y": float("nan"), "std_z": float("nan"), "confidence_volume_mm3": float("nan"), "presence": 0.02,
+       "status": "absent"}])
   lines = (tmp_path / "p.csv").read_text().splitlines()
-  assert lines[0] == "case_id,label,x,y,z,std_x,std_y,std_z,confidence_volume_mm3"
-  assert lines[1] == "c0,AC,1.5,-2.0,3.0,0.1,0.2,0.3,1.25" and lines[2] == "c0,PC,1.0,2.0,3.0,,,,"
+  assert lines[0] == "case_id,label,x,y,z,std_x,std_y,std_z,confidence_volume_mm3,presence,status"
+  assert lines[1] == "c0,AC,1.5,-2.0,3.0,0.1,0.2,0.3,1.25,0.97,ok" and lines[2] == "c0,PC,,,,,,,,0.02,absent"
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -188,6 +190,18 @@ def test_manifest_resolves_paths_and_default_split(tmp_path):
   assert manifest.cases[1].landmarks is None
   assert [c.id for c in manifest.split("train")] == ["c0", "c2"]
   assert dataset.load_manifest(tmp_path) == manifest  # a folder means its dataset.json
+
+
+def test_a_case_may_list_landmarks_outside_its_image_and_its_example_says_so(tmp_path):
+  """c0 places AC and lists PC as absent (a partial field of view): PC is absent (0), not unknown (NaN)."""
+  path = _dataset(tmp_path, [{"id": "c0", "image": "images/c0.nii.gz", "landmarks": "landmarks/c0.mrk.json",
+                              "absent": ["PC"]}, {"id": "c1", "image": "images/c0.nii.gz", "split": "test"}])
+  manifest = dataset.load_manifest(path)
+  assert manifest.cases[0].absent == ("PC",) and manifest.cases[1].absent == ()
+  settings = loader.PreprocessSettings(spacings_mm=(2.0,), finest_size=4, intensity="none")
+  first, second = (loader.load_example(c, manifest.landmarks, settings, tmp_path / "cache") for c in manifest.cases)
+  np.testing.assert_array_equal(first.presence(), [1.0, 0.0])
+  assert np.all(np.isnan(second.presence()))  # nothing annotated: nothing known
 
 
 # ---------------------------------------------------------------- bad input: one table
@@ -260,6 +274,10 @@ def _bad_manifest(tmp_path, kind):
     return _dataset(tmp_path, good, landmarks=())
   if kind == "duplicate_names":
     return _dataset(tmp_path, good, landmarks=("AC", "AC"))
+  if kind == "unknown_absent":
+    return _dataset(tmp_path, [dict(good[0], absent=["XYZ"])])
+  if kind == "placed_absent":
+    return _dataset(tmp_path, [dict(good[0], absent=["AC"])])
   if kind == "malformed":
     (tmp_path / "dataset.json").write_text("{'name': 1}")
     return tmp_path / "dataset.json"
@@ -296,6 +314,9 @@ BAD_INPUTS = [
     ("manifest without cases", "no_cases", "manifest", "non-empty list"),
     ("manifest without landmark names", "no_landmarks", "manifest", "non-empty list of landmark names"),
     ("manifest repeating a landmark name", "duplicate_names", "manifest", "repeats names"),
+    ("manifest listing an unknown landmark as absent", "unknown_absent", "manifest", r"does not: \['XYZ'\]"),
+    ("a case listing as absent a landmark it places", "placed_absent", "example",
+     r"lists as absent landmarks its file places: \['AC'\]"),
     ("malformed manifest JSON", "malformed", "manifest", "malformed JSON"),
     ("missing manifest", "missing", "manifest", "no such file"),
 ]
@@ -309,6 +330,12 @@ def test_bad_input_raises_one_clear_error_naming_the_file(tmp_path, what, kind, 
   elif call == "landmarks":
     path = _bad_landmarks(tmp_path, kind)
     run = lambda: io.load_landmarks(path, ["AC", "PC"])  # noqa: E731
+  elif call == "example":
+    path = _bad_manifest(tmp_path, kind)
+    manifest = dataset.load_manifest(path)
+    settings = loader.PreprocessSettings(spacings_mm=(2.0,), finest_size=4, intensity="none")
+    run = lambda: loader.load_example(manifest.cases[0], manifest.landmarks, settings, None)  # noqa: E731
+    path = manifest.cases[0].landmarks  # the error names the landmark file
   else:
     path = _bad_manifest(tmp_path, kind)
     run = lambda: dataset.load_manifest(path)  # noqa: E731

@@ -16,7 +16,8 @@ STAGES = {
     "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],
     "train": ["train.steps", "train.checkpoints", "train.reporting", "train.loop"],
-    "eval": ["eval.metrics", "eval.figures", "eval.restore", "eval.predict", "eval.scoring", "eval.evaluate"],
+    "eval": ["eval.metrics", "eval.qc", "eval.figures", "eval.restore", "eval.predict", "eval.scoring",
+             "eval.evaluate"],
 }
 # which stages a stage may import: `data` and `model` are independent of each other
 MAY_IMPORT = {"base": set(), "data": {"base"}, "model": {"base"}, "config": {"base", "data", "model"},

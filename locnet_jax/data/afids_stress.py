@@ -15,7 +15,7 @@ format `afids.build` writes, from random streams ``(seed, kind, case)`` that the
   slice, one sample per slice): the anisotropic voxels of thick-slice acquisitions;
 - slab: the T1w case cut to an axial or coronal slab 30-60 mm thick around a random landmark (the stored
   image covers only the slab): a partial field of view. Landmarks outside it are absent: left out of the
-  landmark file and listed per case in build_info.json ("absent").
+  landmark file and listed per case in the manifest's "absent" field (docs/data_format.md).
 
 Frames as in `afids`: images in a random storage orientation, landmarks RAS mm in the world frame.
 """
@@ -139,8 +139,11 @@ def build_stress(out_dir, *, kinds=KINDS, num_cases: int = 8, seed: int = 1000, 
       afids.save_int16(folder / "images" / f"{case_id}.nii.gz", case["data"], case["affine"])
       io.write_mrk_json(folder / "landmarks" / f"{case_id}.mrk.json", list(landmarks), case["points_mm"],
                         coordinate_system="LPS")
-      cases.append({"id": case_id, "image": f"images/{case_id}.nii.gz", "landmarks": f"landmarks/{case_id}.mrk.json",
-                    "split": "test"})
+      entry = {"id": case_id, "image": f"images/{case_id}.nii.gz", "landmarks": f"landmarks/{case_id}.mrk.json",
+               "split": "test"}
+      if case["absent"]:
+        entry["absent"] = [landmarks[k] for k in case["absent"]]
+      cases.append(entry)
       record = {"id": case_id, "orientation": case["orientation"], "absent": [landmarks[k] for k in case["absent"]],
                 "transform_world": np.round(case["transform"], 8).tolist()}
       record.update({k: case[k] for k in ("thick_axis", "slab_mm") if k in case})

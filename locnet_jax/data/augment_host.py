@@ -52,6 +52,17 @@ class AugmentSettings:
   fov_shift_mm: float = 40.0  # extra translation per axis when cropping: which part of the head is seen
 
 
+DEVICE_FIELDS = ("max_rotation_deg", "max_scale", "max_translation_mm", "max_gamma", "max_intensity_scale",
+                 "max_intensity_shift", "noise_std")  # what `augment_device` implements; the rest is host-only
+
+
+def host_only_fields(settings: AugmentSettings) -> list[str]:
+  """The fields of `settings` set away from their defaults that only the host augmentation implements."""
+  default = AugmentSettings()
+  return [f.name for f in dataclasses.fields(settings)
+          if f.name not in DEVICE_FIELDS and getattr(settings, f.name) != getattr(default, f.name)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Augmented:
   """An augmented case: the pyramid, landmarks (K, 3) RAS mm (NaN if missing or absent), presence (K,)

@@ -107,7 +107,14 @@ def load_example(case: dataset.Case, names: Sequence[str], settings: PreprocessS
     target = io.load_landmarks(case.landmarks, names)
     if check:
       io.check_landmarks_in_image(target, names, io.load_volume(case.image), case.landmarks)
-  return Example(case.id, load_pyramid(case.image, settings, cache_dir), target)
+  present = None
+  if case.absent:
+    absent, placed = np.isin(np.asarray(names), case.absent), np.all(np.isfinite(target), axis=-1)
+    if np.any(absent & placed):
+      raise io.DataError(case.landmarks, f"case {case.id!r} lists as absent landmarks its file places: "
+                         f"{[n for n, a, p in zip(names, absent, placed) if a and p]}")
+    present = np.where(absent, 0.0, np.where(placed, 1.0, np.nan))
+  return Example(case.id, load_pyramid(case.image, settings, cache_dir), target, present)
 
 
 def _prepare(case: dataset.Case, names: Sequence[str], settings: PreprocessSettings, cache_dir: Path) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 from locnet_jax import dataset, from_config, io
-from locnet_jax.eval import figures, predict, restore, scoring
+from locnet_jax.eval import figures, predict, qc, restore, scoring
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=print) -> Path:
@@ -30,18 +31,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
   log(f"evaluating {trained.checkpoint} on {len(examples)} {config.eval.split} cases of {manifest.path}")
   predictions = predict.predict_cases(trained, examples, num_samples=config.eval.num_noise_samples,
                               chunk_size=config.eval.chunk_size, seed=config.seed)
-  fitted = None
+  fitted, checks = None, qc.load(workdir)
   split = config.eval.calibrate_split
   if (predictions[0]["std_mm"] is not None and split and split != config.eval.split
       and any(c.split == split for c in manifest.cases)):
     held_out = from_config.load_split(manifest, split, settings, cache)
-    log(f"calibrating the uncertainty on {len(held_out)} {split} cases")
-    scale = scoring.calibration(predict.predict_cases(trained, held_out, num_samples=config.eval.num_noise_samples,
-                                      chunk_size=config.eval.chunk_size, seed=config.seed + 1),
-                        held_out, model_names=trained.names, data_names=manifest.landmarks)
+    log(f"calibrating the uncertainty and fitting the QC thresholds on {len(held_out)} {split} cases")
+    held = predict.predict_cases(trained, held_out, num_samples=config.eval.num_noise_samples,
+                                 chunk_size=config.eval.chunk_size, seed=config.seed + 1)
+    scale = scoring.calibration(held, held_out, model_names=trained.names, data_names=manifest.landmarks)
     fitted = {"split": split, "cases": len(held_out), "scale": scale}
+    _, mi, di = scoring.matched(trained.names, manifest.landmarks)
+    checks = qc.fit(held, np.stack([ex.target_mm[di] for ex in held_out]), model_index=mi,
+                    calibration_scale=scale, split=f"{manifest.path.parent.name}/{split}")
+    io.atomic_write(workdir / qc.QC_FILE, json.dumps(checks, indent=1) + "\n")
+  elif checks is not None and checks.get("calibration_scale"):
+    fitted = {"split": checks["fitted_on"]["split"], "cases": checks["fitted_on"]["cases"],
+              "scale": checks["calibration_scale"]}
+  predictions = [qc.annotate(p, checks) for p in predictions]
   results = scoring.score(predictions, examples, model_names=trained.names, data_names=manifest.landmarks,
                   calibration=fitted)
+  if checks is not None:
+    results["qc_thresholds"] = checks
   results.update(checkpoint=str(trained.checkpoint), data=str(manifest.path), split=config.eval.split,
                  num_noise_samples=config.eval.num_noise_samples, device=jax.devices()[0].device_kind)
   out = Path(config.eval.out_dir) if config.eval.out_dir else workdir / "eval" / config.eval.split

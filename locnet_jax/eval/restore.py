@@ -17,6 +17,7 @@ import ml_collections
 
 from locnet_jax import from_config, io
 from locnet_jax.data import loader
+from locnet_jax.eval import qc
 from locnet_jax.train import checkpoints as checkpoints_lib
 from locnet_jax.train import steps
 
@@ -71,7 +72,8 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
 
 def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, example: loader.Example,
            notes: str = "") -> dict:
-  """Writes the run's best parameters and a model card (config, landmarks, provenance, measured errors)."""
+  """Writes the run's best parameters and a model card (config, landmarks, provenance, measured errors, and
+  the QC thresholds and uncertainty calibration `evaluate` fitted, which `predict` applies)."""
   trained = restore(config, workdir, example=example)
   records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   results_path = Path(workdir) / "eval" / "test" / "results.json"
@@ -83,7 +85,9 @@ def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, examp
           "trained_on": jax.devices()[0].device_kind, "jax": jax.__version__,
           "test": None if results is None else {"data": results["data"], "split": results["split"],
                                                  "overall": results["overall"],
-                                                 "uncertainty": results.get("uncertainty")},
-          "notes": notes}
+                                                 "uncertainty": results.get("uncertainty"),
+                                                 "uncertainty_calibrated": results.get("uncertainty_calibrated"),
+                                                 "qc": results.get("qc")},
+          "qc": qc.load(workdir), "notes": notes}
   checkpoints_lib.export_model(out, trained.params, card)
   return card

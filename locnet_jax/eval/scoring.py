@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from locnet_jax.data import loader
-from locnet_jax.eval import metrics
+from locnet_jax.eval import metrics, qc
 from locnet_jax.from_config import ConfigError
 
 
-def _matched(predictions: list[dict], examples: list[loader.Example], *, model_names, data_names):
+def matched(model_names, data_names):
   """(scored names, model index, data index): the landmarks both have, matched by name."""
   scored = [n for n in model_names if n in data_names]
   if not scored:
@@ -23,7 +23,7 @@ def _matched(predictions: list[dict], examples: list[loader.Example], *, model_n
 
 def calibration(predictions: list[dict], examples: list[loader.Example], *, model_names, data_names) -> float:
   """`metrics.calibration_scale` of the noise samples' std on these (held-out) cases."""
-  _, mi, di = _matched(predictions, examples, model_names=model_names, data_names=data_names)
+  _, mi, di = matched(model_names, data_names)
   truth = np.stack([ex.target_mm[di] for ex in examples])
   return metrics.calibration_scale(np.stack([p["mean_mm"][mi] for p in predictions]),
                                    np.stack([p["std_mm"][mi] for p in predictions]), truth)
@@ -36,7 +36,7 @@ def score(predictions: list[dict], examples: list[loader.Example], *, model_name
   `calibration` ({"split", "cases", "scale"}): the std scale fitted on held-out cases; with noise samples,
   results then also hold "uncertainty_calibrated" (coverage with std x scale; correlations do not change).
   """
-  scored, mi, di = _matched(predictions, examples, model_names=model_names, data_names=data_names)
+  scored, mi, di = matched(model_names, data_names)
   truth = np.stack([ex.target_mm[di] for ex in examples])  # (C, L, 3)
   det = np.stack([p["pred_mm"][:, mi] for p in predictions])  # (C, S, L, 3)
   has_samples = predictions[0]["mean_mm"] is not None
@@ -62,14 +62,29 @@ def score(predictions: list[dict], examples: list[loader.Example], *, model_name
       results["calibration"] = dict(calibration)
       results["uncertainty_calibrated"] = metrics.summarize_uncertainty(
           errors, scaled, metrics.inside_ellipsoid(final, scaled, truth))
+  if "status" in predictions[0]:
+    status = np.array([[p["status"][i] for i in mi] for p in predictions])  # (C, L)
+    present = np.stack([ex.presence()[di] for ex in examples])
+    results["qc"] = qc.summarize(errors.ravel(), status.ravel(), present.ravel())
+    if predictions[0].get("presence") is not None:
+      results["qc"]["presence_min_when_present"] = _min([p["presence"][mi] for p in predictions], present == 1)
   for c, (p, ex) in enumerate(zip(predictions, examples)):
     case = {"case_id": p["case_id"], "error_mm": _floats(errors[c]), "pred_mm": final[c].round(4).tolist()}
+    if "status" in p:
+      case["status"] = [p["status"][i] for i in mi]
+    if p.get("presence") is not None:
+      case["presence"] = _floats(p["presence"][mi])
     if has_samples:
       case.update(deterministic_mm=det[c, -1].round(4).tolist(), std_mm=std[c].round(4).tolist(), volume_mm3=_floats(metrics.confidence_volume_mm3(std[c])),
                   inside_90=[bool(v) for v in inside[c]])
     per_case.append(case)
   results["per_case"] = per_case
   return results
+
+
+def _min(values, mask) -> float | None:
+  values = np.asarray(values)[mask]
+  return float(values.min()) if values.size else None
 
 
 def _floats(values) -> list:
@@ -111,6 +126,14 @@ def results_markdown(results: dict, *, title: str) -> str:
     cal = results["calibration"]
     lines += ["", f"Calibrated on the {cal['cases']} {cal['split']} cases (std x {cal['scale']:.2f}): coverage "
               f"{100 * results['uncertainty_calibrated']['coverage']:.1f} % (nominal 90 %)."]
+  if "qc" in results:
+    q = results["qc"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    lines += ["", f"QC: {q['ok']} ok, {q['uncertain']} uncertain, {q['absent']} absent of {q['points']} points; "
+              f"flagged: {pct(q['flagged_of_over_3mm'])} of the {q['errors_over_3mm']} errors > 3 mm, "
+              f"{pct(q['flagged_of_under_1.5mm'])} of the {q['errors_under_1.5mm']} errors < 1.5 mm; absent landmarks "
+              f"called absent: {pct(q['absent_recall'])} of {q['truly_absent']}; present ones called absent: "
+              f"{pct(q['false_absent_rate'])}."]
   if results["not_scored"]:
     lines += ["", f"Predicted but not in the data set (not scored): {', '.join(results['not_scored'])}."]
   return "\n".join(lines) + "\n"

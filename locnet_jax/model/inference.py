@@ -25,6 +25,15 @@ def make_predict(model) -> Callable:
   return jax.jit(lambda params, volumes, affines: model.apply({"params": params}, volumes, affines)["pred_mm"])
 
 
+def make_forward(model) -> Callable:
+  """Jitted ``(params, volumes, affines) -> {"pred_mm" (B, S, K, 3), and "presence_logit" (B, K) for a model
+  with a presence output}``: one deterministic pass."""
+  def run(params, volumes, affines):
+    out = model.apply({"params": params}, volumes, affines)
+    return {k: out[k] for k in ("pred_mm", "presence_logit") if k in out}
+  return jax.jit(run)
+
+
 def auto_chunk_size(num_samples: int) -> int:
   """Noise samples per chunk when none is given: 1 on a CPU backend (the smallest working set stays in
   cache, which measured fastest: docs/performance.md), else min(10, N) (a GPU wants a batch, and all 50
@@ -37,7 +46,8 @@ def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_
 
   Returns {"pred_mm": (B, S, K, 3) with the finest scale the mean of the samples, "samples_mm": (B, N, K, 3)
   the finest predictions of every sample, "std_mm": (B, K, 3) their per-axis standard deviation,
-  "deterministic_mm": (B, K, 3) the finest prediction without noise}.
+  "deterministic_mm": (B, K, 3) the finest prediction without noise}; for a model with a presence output,
+  "presence_logit" (B, K) of the deterministic pass.
   """
   if not isinstance(model, locnet.MultiScaleLocNet) or model.num_scales < 2:
     raise ValueError("test-time uncertainty needs a multi-scale Loc-Net with >= 2 scales (noise shifts the "
@@ -52,7 +62,8 @@ def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_
   radius, last = model.noise_mm, model.num_scales - 1
 
   def run(params, volumes, affines, key):
-    out = model.apply({"params": params}, volumes, affines)["pred_mm"]  # (B, S, K, 3), no noise
+    once = model.apply({"params": params}, volumes, affines)  # no noise
+    out = once["pred_mm"]  # (B, S, K, 3)
     center = out[:, last - 1]  # what the finest crop is centred on, before the shift
     batch, k_count = center.shape[:2]
     affine = locnet.batched_affine(affines[last], batch, "finest affine")
@@ -69,7 +80,8 @@ def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_
     chunks = jax.lax.map(one_chunk, noise.reshape(num_chunks, chunk, *center.shape))  # (M, B, C, K, 3)
     samples = jnp.moveaxis(chunks, 0, 1).reshape(batch, num_chunks * chunk, k_count, 3)[:, :num_samples]
     mean = jnp.mean(samples, axis=1)
+    extra = {"presence_logit": once["presence_logit"]} if "presence_logit" in once else {}
     return {"pred_mm": out.at[:, last].set(mean), "samples_mm": samples, "std_mm": jnp.std(samples, axis=1),
-            "deterministic_mm": out[:, last]}
+            "deterministic_mm": out[:, last], **extra}
 
   return jax.jit(run)

@@ -136,6 +136,7 @@ class MultiScaleLocNet(nn.Module):
     stop_gradient: cut gradients between scales (the paper's multi-step baseline).
     patch_groups: the finer scales' patches go through their U-Net in this many independent calls
       (`resolve_patch_groups`; 0: auto, by backend): speed only, the same function and parameters.
+    presence: also output "presence_logit" (B, K), whether each landmark is in the image (`Presence`).
   """
 
   num_landmarks: int
@@ -146,6 +147,7 @@ class MultiScaleLocNet(nn.Module):
   noise_mm: float = 5.0
   stop_gradient: bool = False
   patch_groups: int = 0
+  presence: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
@@ -192,6 +194,7 @@ class MultiScaleLocNet(nn.Module):
 
     coarse_vox, heatmap = nets[0](volumes[0])
     self.sow("intermediates", "heatmap0", heatmap)
+    masses = [log_mass(jnp.moveaxis(heatmap, -1, 1))]  # (B, K) each
     pred_mm = [geometry.vox_to_mm(coarse_vox, affines[0][:, None])]
     grid_center_vox = (jnp.asarray(volumes[0].shape[1:4], jnp.float32) - 1) / 2
     center_mm = [jnp.broadcast_to(geometry.vox_to_mm(grid_center_vox, affines[0])[:, None],
@@ -205,9 +208,12 @@ class MultiScaleLocNet(nn.Module):
       pred, heatmap = refine(nets[s], volumes[s], affines[s], center, num_landmarks=k_count,
                              patch_shape=self.patch_shape, groups=self.patch_groups)
       self.sow("intermediates", f"heatmap{s}", heatmap)
+      masses.append(jnp.mean(log_mass(heatmap).reshape(batch, -1, k_count), axis=1))
       pred_mm.append(pred)
       center_mm.append(center)
     out = {}
+    if self.presence:
+      out["presence_logit"] = Presence(self.num_landmarks, name="presence")(jnp.stack(masses, axis=1))
     if num_samples is not None:
       sampled = pred_mm[-1].reshape(batch, num_samples, k_count, 3)
       out["samples_mm"] = sampled
@@ -222,6 +228,31 @@ class MultiScaleLocNet(nn.Module):
     shifted = center_mm[None] + noise_shifts_mm(key, center_mm.shape, radius_mm=self.noise_mm,
                                                 num_samples=num_samples)  # (N, B, K, 3)
     return jnp.moveaxis(shifted, 0, 1).reshape(center_mm.shape[0], -1, 3)
+
+
+def log_mass(heatmap: jax.Array) -> jax.Array:
+  """log(mean ReLU(heatmap) + 1e-6) over the last three (spatial) axes: (..., X, Y, Z) -> (...)."""
+  return jnp.log(jnp.mean(jax.nn.relu(heatmap.astype(jnp.float32)), axis=(-3, -2, -1)) + 1e-6)
+
+
+class Presence(nn.Module):
+  """Whether each landmark is in the image, read from its heatmaps' mass: (B, S, K) log masses -> (B, K) logits.
+
+  logit_k = sum_s a_sk * log_mass_sk + b_k, with a and b learnt per scale and landmark. Why the mass: the
+  ReLU centre of mass ignores a heatmap's scale, so its total mass is a free output the coordinate loss
+  never constrains; a presence loss can teach every scale to fire only where it sees its landmark's
+  anatomy, at no extra computation. Scale 0 sees the whole image (is the anatomy there at all?), the
+  finer scales their patch (is it inside the field of view, or is the patch cut off?).
+  """
+
+  num_landmarks: int
+
+  @nn.compact
+  def __call__(self, log_masses: jax.Array) -> jax.Array:
+    num_scales = log_masses.shape[1]
+    weight = self.param("weight", nn.initializers.constant(1.0 / num_scales), (num_scales, self.num_landmarks))
+    bias = self.param("bias", nn.initializers.constant(4.0), (self.num_landmarks,))
+    return jnp.sum(log_masses * weight, axis=1) + bias
 
 
 def noise_shifts_mm(key: jax.Array, shape, *, radius_mm: float, num_samples: int | None = None) -> jax.Array:

@@ -48,6 +48,14 @@ def weighted_loss(per_scale: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(jnp.asarray(weights, per_scale.dtype) * per_scale)
 
 
+def presence_loss(logit: jax.Array, present: jax.Array) -> jax.Array:
+  """Mean binary cross-entropy of presence logits (B, K) against `present` (B, K): 1 in the image, 0 absent,
+  NaN unknown (ignored, as is everything when nothing is known)."""
+  known = jnp.isfinite(present)
+  bce = optax.sigmoid_binary_cross_entropy(logit, jnp.where(known, present, 0.0))
+  return jnp.sum(jnp.where(known, bce, 0.0)) / jnp.maximum(jnp.sum(known), 1)
+
+
 def heatmap_targets(target_mm: jax.Array, affine: jax.Array, *, shape, sigma_mm: float) -> jax.Array:
   """Gaussian heatmap targets (X, Y, Z, K) of one example, peak 1 at each landmark, 0 for missing ones.
 

@@ -74,7 +74,8 @@ def make_train_step(config: ml_collections.ConfigDict):
                                          peak=config.model.heatmap_peak)
   else:
     def step(state, batch, key, weights, trainable):
-      return steps.train_step(state, batch, key, weights=weights, trainable=trainable)
+      return steps.train_step(state, batch, key, weights=weights, trainable=trainable,
+                              presence_weight=config.train.get("presence_weight", 1.0))
   return jax.jit(step, donate_argnums=0)
 
 
@@ -105,6 +106,12 @@ def _check_config(config: ml_collections.ConfigDict, *, num_scales: int) -> None
   if config.train.data_on == "device" and config.train.augment and on_host and config.data.source != "synthetic":
     raise ConfigError("train.data_on='device' keeps the training set on the device, where the host's "
                       "augmentation cannot reach it: set --config.train.augment_on=device (or augment=False)")
+  host_only = augment_host.host_only_fields(from_config.augment_settings(config.train))
+  if config.train.augment and not on_host and host_only and config.data.source != "synthetic":
+    raise ConfigError(f"train.augmentation fields {host_only} run on the host only: set "
+                      "--config.train.augment_on=host (or leave them at their defaults)")
+  if config.model.get("presence", False) and config.model.kind != "multiscale":
+    raise ConfigError("model.presence=True needs model.kind='multiscale'")
 
 
 def _summary(meta: dict, checkpoints: checkpoints_lib.Checkpoints) -> dict[str, Any]:
@@ -202,7 +209,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   noise_root = jax.random.fold_in(root, 1)
   best_error = meta["best_val_error_mm"] if meta else float("inf")
   best_epoch = meta["best_epoch"] if meta else None
-  augment = augment_host.AugmentSettings() if (config.train.augment and data.from_files) else None
+  augment = from_config.augment_settings(config.train) if (config.train.augment and data.from_files) else None
   on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
   augment_fn = jax.jit(functools.partial(augment_device.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)

@@ -29,15 +29,24 @@ def create_train_state(model: nn.Module, *, key: jax.Array, volumes, affines,
 
 
 def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Array,
-                     noise_key: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted sum of per-scale mean squared errors (mm^2), with per-scale metrics."""
+                     noise_key: jax.Array | None,
+                     presence_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of per-scale mean squared errors (mm^2), with per-scale metrics; for a model with a
+  presence output, plus `presence_weight` x the presence cross-entropy (`losses.presence_loss`)."""
   out = apply_fn({"params": params}, batch["volumes"], batch["affines"], noise_key=noise_key)
   per_scale = losses.per_scale_loss(out["pred_mm"], batch["target_mm"])
   error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], batch["target_mm"][:, None]))  # (B, S, K)
   count = jnp.maximum(jnp.sum(losses.landmark_mask(batch["target_mm"])), 1)
   mean_error_mm = jnp.sum(error_mm, axis=(0, 2)) / count  # missing landmarks have error 0
   loss = losses.weighted_loss(per_scale, weights)
-  return loss, {"loss": loss, "per_scale_mse_mm2": per_scale, "per_scale_error_mm": mean_error_mm}
+  metrics = {"per_scale_mse_mm2": per_scale, "per_scale_error_mm": mean_error_mm}
+  if "presence_logit" in out:
+    present = batch.get("present")
+    if present is None:  # every annotated landmark is in the image
+      present = jnp.where(losses.landmark_mask(batch["target_mm"]), 1.0, jnp.nan)
+    metrics["presence_bce"] = losses.presence_loss(out["presence_logit"], present)
+    loss = loss + presence_weight * metrics["presence_bce"]
+  return loss, {"loss": loss, **metrics}
 
 
 def freeze_scales(tree: dict, trainable: jax.Array) -> dict:
@@ -61,8 +70,9 @@ def _health(metrics: dict, grads, params) -> dict:
   return metrics
 
 
-def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *,
-               weights: jax.Array, trainable: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *, weights: jax.Array,
+               trainable: jax.Array | None = None,
+               presence_weight: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step of a Loc-Net model; `key` drives noise injection before the finest crop (None: no noise).
 
   `weights` (S,) are the per-scale loss weights; `trainable` (S,) 0/1, when given, freezes the scales
@@ -70,7 +80,7 @@ def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, 
   per-scale MSE and mean error (mm), gradient and parameter global norms (health checks).
   """
   grad_fn = jax.grad(functools.partial(loss_and_metrics, apply_fn=state.apply_fn, weights=weights,
-                                       noise_key=key), has_aux=True)
+                                       noise_key=key, presence_weight=presence_weight), has_aux=True)
   grads, metrics = grad_fn(state.params, batch)
   return _apply(state, grads, trainable), _health(metrics, grads, state.params)
 

@@ -1,0 +1,109 @@
+"""Scores exported models on the AFIDs test split and the stress sets (another contrast, a partial field of
+view, another anatomy, thick slices), with presence and QC, and prints one table.
+
+    python -m locnet_jax.data.afids_stress --out data/afids-stress --num-cases 12     # once
+    python benchmarks/stress.py --models pretrained/afids6,/tmp/afids6-old [--num-noise-samples 50]
+
+Each model predicts every case with its own preprocessing and QC thresholds (from its model.json; a model
+without them calls every point ok); the prediction is the mean of the noise samples. Per set: mean /
+median / p90 / max radial error of the landmarks in the image, the share of errors > 3 mm flagged
+(`uncertain` or `absent`) and of errors < 1.5 mm flagged, absent landmarks called absent (slab), present
+ones called absent (the false-absent rate), and the coverage of the calibrated 90 % ellipsoids. Writes
+<out>/stress_<model>.json with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from locnet_jax import dataset, from_config  # noqa: E402
+from locnet_jax.eval import metrics, predict, qc, restore, scoring  # noqa: E402
+
+
+def _sets(args) -> dict[str, tuple[Path, str]]:
+  sets = {"test": (Path(args.afids) / "dataset.json", "test")}
+  for kind in args.kinds.split(","):
+    sets[kind] = (Path(args.stress) / kind / "dataset.json", "test")
+  return sets
+
+
+def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> dict:
+  config = restore.saved_config(folder)
+  settings = from_config.preprocess_settings(config.data)
+  checks = qc.load(folder)
+  samples = config.eval.num_noise_samples if num_samples is None else num_samples
+  trained, out = None, {}
+  for name, (path, split) in sets.items():
+    manifest = dataset.load_manifest(path)
+    examples = from_config.load_split(manifest, split, settings, manifest.path.parent / ".locnet_cache")
+    if trained is None:
+      trained = restore.restore(config, folder, example=examples[0])
+    start = time.perf_counter()
+    records = predict.predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
+                                    seed=config.seed)
+    records = [qc.annotate(r, checks) for r in records]
+    calibration = None
+    if checks and checks.get("calibration_scale"):
+      calibration = {"split": checks["fitted_on"]["split"], "cases": checks["fitted_on"]["cases"],
+                     "scale": checks["calibration_scale"]}
+    results = scoring.score(records, examples, model_names=trained.names, data_names=manifest.landmarks,
+                            calibration=calibration)
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    out[name] = results
+    log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "
+        f"{results['overall']['count']} points ({results['wall_s']} s)")
+  return out
+
+
+def _pct(value) -> str:
+  return "–" if value is None else f"{100 * value:.0f} %"
+
+
+def table(all_results: dict) -> str:
+  lines = ["| model | set | n | mean mm | median | p90 | max | flagged of > 3 mm | flagged of < 1.5 mm | absent "
+           "called absent | present called absent | coverage (calibrated 90 %) |", "|" + "---|" * 12]
+  for model, sets in all_results.items():
+    for name, r in sets.items():
+      o, q = r["overall"], r.get("qc", {})
+      unc = r.get("uncertainty_calibrated") or r.get("uncertainty") or {}
+      cells = [model, name, str(o["count"])]
+      cells += [f"{o[k]:.2f}" for k in ("mean_mm", "median_mm", "p90_mm", "max_mm")] if o["count"] else ["–"] * 4
+      cells += [f"{_pct(q.get('flagged_of_over_3mm'))} of {q.get('errors_over_3mm', 0)}",
+                f"{_pct(q.get('flagged_of_under_1.5mm'))} of {q.get('errors_under_1.5mm', 0)}",
+                f"{_pct(q.get('absent_recall'))} of {q.get('truly_absent', 0)}", _pct(q.get("false_absent_rate")),
+                _pct(unc.get("coverage"))]
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="pretrained/afids6", help="comma-separated exported model folders")
+  parser.add_argument("--afids", default="data/afids", help="the AFIDs benchmark (its test split is scored)")
+  parser.add_argument("--stress", default="data/afids-stress", help="the stress sets' folder")
+  parser.add_argument("--kinds", default="t2w,slab,deform,thick")
+  parser.add_argument("--num-noise-samples", type=int, default=None, help="default: each model's eval config")
+  parser.add_argument("--out", default="benchmarks/results")
+  args = parser.parse_args()
+  sets = _sets(args)
+  all_results = {}
+  for folder in [Path(m) for m in args.models.split(",")]:
+    results = score_model(folder, sets, num_samples=args.num_noise_samples, log=print)
+    name = folder.name if folder.name not in all_results else str(folder)
+    all_results[name] = results
+    path = Path(args.out) / f"stress_{folder.name}.json"
+    path.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "per_case"} for k, r in results.items()},
+                               indent=1) + "\n")
+  print(table(all_results))
+  print(f"\nqc: {metrics.CONFIDENCE:.0%} ellipsoids; status thresholds from each model.json")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,110 @@
+"""Quality control per predicted landmark: `ok`, `uncertain` or `absent`, from the model's presence output
+and its calibrated test-time uncertainty, with thresholds fitted on held-out data and stored with the model.
+
+- absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates);
+- uncertain: presence below `uncertain_below`, or the largest semi-axis of the calibrated 90 % confidence
+  ellipsoid (`radius_mm`) above `max_radius_mm`;
+- ok: otherwise.
+
+`max_radius_mm` is the `RADIUS_QUANTILE` quantile of `radius_mm` over the held-out points the model gets
+right (error below `GOOD_MM`): in data like the held-out set, about 1 - quantile of the good points are
+flagged; points whose ellipsoid grows beyond anything seen on good held-out predictions (another contrast,
+an anatomy the model cannot read) are. Without noise samples only presence decides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from locnet_jax.eval import metrics
+
+STATUSES = ("ok", "uncertain", "absent")
+GOOD_MM = 1.5  # a held-out prediction closer than this is "right" when fitting the radius threshold
+RADIUS_QUANTILE = 0.98
+ABSENT_BELOW = 0.5
+UNCERTAIN_BELOW = 0.9
+QC_FILE = "qc.json"  # in a training workdir, written by evaluation when it fits the thresholds
+
+
+def radius_mm(std_mm: np.ndarray, scale: float = 1.0) -> np.ndarray:
+  """(..., 3) per-axis std -> (...) largest semi-axis (mm) of the 90 % ellipsoid of std x `scale`."""
+  return scale * np.max(std_mm, axis=-1) * np.sqrt(metrics.CHI2_3)
+
+
+def fit(predictions: list[dict], truth_mm: np.ndarray, *, model_index, calibration_scale: float | None,
+        split: str) -> dict:
+  """QC thresholds from held-out predictions (`predict.predict_cases` records) and their truths (C, L, 3)
+  (L landmarks at `model_index` in the model's order)."""
+  qc = {"absent_below": ABSENT_BELOW, "uncertain_below": UNCERTAIN_BELOW, "calibration_scale": calibration_scale,
+        "max_radius_mm": None, "fitted_on": {"split": split, "cases": len(predictions), "good_mm": GOOD_MM,
+                                             "quantile": RADIUS_QUANTILE}}
+  if predictions[0]["std_mm"] is None or calibration_scale is None:
+    return qc
+  final = np.stack([p["mean_mm"][model_index] for p in predictions])
+  radius = radius_mm(np.stack([p["std_mm"][model_index] for p in predictions]), calibration_scale)
+  good = metrics.radial_errors(final, truth_mm) < GOOD_MM
+  if np.any(good):
+    qc["max_radius_mm"] = round(float(np.quantile(radius[good], RADIUS_QUANTILE)), 4)
+  return qc
+
+
+def statuses(*, presence: np.ndarray | None, radius: np.ndarray | None, qc: dict | None) -> list[str]:
+  """Per landmark (K,): "ok", "uncertain" or "absent" (module docstring); all "ok" without QC."""
+  count = len(presence) if presence is not None else (len(radius) if radius is not None else 0)
+  if qc is None:
+    return ["ok"] * count
+  out = []
+  for k in range(count):
+    p = None if presence is None else float(presence[k])
+    if p is not None and p < qc["absent_below"]:
+      out.append("absent")
+    elif (p is not None and p < qc["uncertain_below"]) or (
+        radius is not None and qc.get("max_radius_mm") is not None and radius[k] > qc["max_radius_mm"]):
+      out.append("uncertain")
+    else:
+      out.append("ok")
+  return out
+
+
+def annotate(prediction: dict, qc: dict | None) -> dict:
+  """A `predict_cases` record with "std_calibrated_mm" (K, 3) or None, "radius_mm" (K,) or None and
+  "status" (K,) added."""
+  std = prediction["std_mm"]
+  scale = (qc or {}).get("calibration_scale") or 1.0
+  calibrated = None if std is None else np.asarray(std) * scale
+  radius = None if std is None else radius_mm(np.asarray(std), scale)
+  return {**prediction, "std_calibrated_mm": calibrated, "radius_mm": radius,
+          "status": statuses(presence=prediction.get("presence"), radius=radius, qc=qc)}
+
+
+def load(folder: Path) -> dict | None:
+  """The QC a model folder carries: an exported model's `model.json` "qc", or a workdir's `qc.json`."""
+  folder = Path(folder)
+  card = folder / "model.json"
+  if card.is_file():
+    return json.loads(card.read_text()).get("qc")
+  path = folder / QC_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarize(errors_mm: np.ndarray, status: np.ndarray, present: np.ndarray) -> dict:
+  """QC figures over points: errors (N,) mm (NaN if unscored), status (N,) strings, truth presence (N,)
+  (1 in the image, 0 absent, NaN unknown)."""
+  flagged = status != "ok"
+  called_absent = status == "absent"
+  scored = np.isfinite(errors_mm)
+  bad, good = scored & (errors_mm > 3.0), scored & (errors_mm < GOOD_MM)
+  out = {"points": int(len(status)), **{s: int(np.sum(status == s)) for s in STATUSES},
+         "errors_over_3mm": int(np.sum(bad)), "flagged_of_over_3mm": _fraction(flagged, bad),
+         "errors_under_1.5mm": int(np.sum(good)), "flagged_of_under_1.5mm": _fraction(flagged, good)}
+  truly_absent, truly_present = present == 0, present == 1
+  out.update(truly_absent=int(np.sum(truly_absent)), absent_recall=_fraction(called_absent, truly_absent),
+             false_absent_rate=_fraction(called_absent, truly_present))
+  return out
+
+
+def _fraction(hit: np.ndarray, of: np.ndarray) -> float | None:
+  return float(np.sum(hit & of) / np.sum(of)) if np.any(of) else None

@@ -1,0 +1,98 @@
+"""QC per landmark: statuses from presence and the calibrated ellipsoid, thresholds fitted on held-out data and
+read from the model folder; absent landmarks written without coordinates and read back as missing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from locnet_jax import io
+from locnet_jax.data import loader
+from locnet_jax.eval import metrics, predict, qc, scoring
+
+NAMES = ("AC", "PC", "GENU")
+CHECKS = {"absent_below": 0.5, "uncertain_below": 0.9, "calibration_scale": 2.0, "max_radius_mm": 3.0}
+
+
+def _record(case_id, mean, std, presence):
+  mean = np.asarray(mean, float)
+  return {"case_id": case_id, "names": NAMES, "pred_mm": np.stack([mean + 1, mean]), "mean_mm": mean,
+          "std_mm": None if std is None else np.asarray(std, float),
+          "presence": None if presence is None else np.asarray(presence, float), "seconds": 0.1}
+
+
+def test_statuses_follow_presence_then_the_calibrated_radius():
+  # radius = scale x max std x sqrt(chi2_3(0.9)): std 0.5 -> 2.5 mm, std 0.7 -> 3.5 mm (threshold 3 mm)
+  std = np.array([[0.1, 0.5, 0.2], [0.7, 0.1, 0.1], [0.1, 0.1, 0.1]]) / np.sqrt(metrics.CHI2_3) * 2.5
+  np.testing.assert_allclose(qc.radius_mm(std, 2.0), [2.5, 3.5, 0.5], rtol=1e-12)
+  assert qc.statuses(presence=np.array([0.95, 0.95, 0.95]), radius=qc.radius_mm(std, 2.0), qc=CHECKS) == [
+      "ok", "uncertain", "ok"]
+  assert qc.statuses(presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=CHECKS) == ["absent", "uncertain", "ok"]
+  assert qc.statuses(presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=None) == ["ok"] * 3  # no QC: no opinion
+  annotated = qc.annotate(_record("c", np.zeros((3, 3)), std, [0.2, 0.95, 0.95]), CHECKS)
+  assert annotated["status"] == ["absent", "uncertain", "ok"]
+  np.testing.assert_allclose(annotated["std_calibrated_mm"], std * 2.0)
+
+
+def test_the_radius_threshold_is_a_quantile_of_the_held_out_points_the_model_gets_right():
+  rng = np.random.default_rng(0)
+  truth = np.zeros((50, 3, 3))
+  means = rng.normal(0, 0.3, (50, 3, 3))
+  means[:5, 0] += 10.0  # five wrong points, with a huge spread that must not count
+  std = rng.uniform(0.1, 0.4, (50, 3, 3))
+  std[:5, 0] = 50.0
+  records = [_record(f"c{i}", means[i], std[i], None) for i in range(50)]
+  fitted = qc.fit(records, truth, model_index=[0, 1, 2], calibration_scale=1.5, split="val")
+  good = metrics.radial_errors(means, truth) < qc.GOOD_MM
+  expected = np.quantile(qc.radius_mm(std, 1.5)[good], qc.RADIUS_QUANTILE)
+  assert fitted["max_radius_mm"] == pytest.approx(expected, abs=1e-4) and fitted["max_radius_mm"] < 5
+  assert fitted["calibration_scale"] == 1.5 and fitted["fitted_on"]["split"] == "val"
+  assert qc.fit([_record("c", means[0], None, None)], truth[:1], model_index=[0, 1, 2], calibration_scale=None,
+                split="val")["max_radius_mm"] is None  # no samples: presence only
+
+
+def test_an_absent_landmark_is_written_unplaced_and_reads_back_missing(tmp_path):
+  mean = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+  record = qc.annotate(_record("scan", mean, np.full((3, 3), 0.1), [0.99, 0.1, 0.6]), CHECKS)
+  predict.write_predictions(tmp_path, [record], NAMES)
+  doc = json.loads((tmp_path / "scan.mrk.json").read_text())
+  points = {p["label"]: p for p in doc["markups"][0]["controlPoints"]}
+  assert points["PC"]["positionStatus"] == "undefined" and "position" not in points["PC"]
+  assert [points[n]["description"] for n in NAMES] == ["status=ok", "status=absent", "status=uncertain"]
+  for path in (tmp_path / "scan.mrk.json", tmp_path / "scan.csv"):
+    loaded = io.load_landmarks(path, NAMES)
+    np.testing.assert_allclose(loaded[[0, 2]], mean[[0, 2]], atol=1e-9)
+    assert np.all(np.isnan(loaded[1])), path
+  rows = (tmp_path / "predictions.csv").read_text().splitlines()
+  assert rows[0].split(",")[-2:] == ["presence", "status"]
+  assert rows[2].startswith("scan,PC,,,,") and rows[2].endswith(",0.1,absent")
+  std_x = float(rows[1].split(",")[5])
+  assert std_x == pytest.approx(0.2)  # calibrated: 0.1 x 2.0
+  assert predict.warnings([record]) == ["warning: scan: uncertain: GENU; absent: PC"]
+  assert predict.warnings([qc.annotate(_record("fine", mean, None, [0.99] * 3), CHECKS)]) == []
+
+
+def test_thresholds_are_read_from_an_exported_model_or_a_workdir(tmp_path):
+  exported, workdir = tmp_path / "model", tmp_path / "run"
+  exported.mkdir()
+  workdir.mkdir()
+  assert qc.load(exported) is None and qc.load(workdir) is None
+  (exported / "model.json").write_text(json.dumps({"landmarks": list(NAMES), "qc": CHECKS}))
+  (workdir / qc.QC_FILE).write_text(json.dumps({**CHECKS, "max_radius_mm": 7.0}))
+  assert qc.load(exported) == CHECKS
+  assert qc.load(workdir)["max_radius_mm"] == 7.0
+
+
+def test_scoring_counts_flags_and_absent_calls():
+  truth = np.array([[0.0, 0, 0], [np.nan] * 3, [0, 0, 0]])
+  example = loader.Example("c", None, truth, np.array([1.0, 0.0, 1.0]))  # PC absent from the image
+  mean = np.array([[0.5, 0, 0], [9, 9, 9], [5, 0, 0]])  # AC right (0.5 mm), GENU wrong (5 mm)
+  std = np.array([[0.1] * 3, [0.1] * 3, [5.0] * 3])  # GENU's wide ellipsoid flags it
+  record = qc.annotate(_record("c", mean, std, [0.99, 0.1, 0.95]), CHECKS)
+  results = scoring.score([record], [example], model_names=NAMES, data_names=NAMES)
+  q = results["qc"]
+  assert (q["ok"], q["uncertain"], q["absent"]) == (1, 1, 1)
+  assert q["flagged_of_over_3mm"] == 1.0 and q["flagged_of_under_1.5mm"] == 0.0
+  assert q["absent_recall"] == 1.0 and q["false_absent_rate"] == 0.0
+  assert results["per_case"][0]["status"] == ["ok", "absent", "uncertain"]
+  assert "QC: 1 ok, 1 uncertain, 1 absent of 3 points" in scoring.results_markdown(results, title="t")

@@ -1,0 +1,99 @@
+"""The presence output: learnt from the heatmaps' mass, it says which landmarks an image holds."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from locnet_jax.model import losses
+from locnet_jax.model.locnet import MultiScaleLocNet
+from locnet_jax.train import steps
+from tests import helpers
+
+SIZE = 16
+SPACINGS = (4.0, 2.0)
+TWO_BLOBS_MM = np.array([[-14.0, 0.0, 0.0], [14.0, 0.0, 0.0]])  # a bright and a dim blob, left and right
+
+
+def _case(rng: np.random.Generator, *, crop_second: bool):
+  """Two blobs in a 32 mm wide pyramid (shifted a little per case); with `crop_second`, the image is cut
+  to the left half (the field of view), so the second landmark is not in it."""
+  shift = rng.uniform(-3, 3, 3)
+  centers = TWO_BLOBS_MM * 0.5 + shift
+  volumes, affines = [], []
+  for spacing in SPACINGS:
+    n = int(round(SIZE * 4.0 / spacing / 2))
+    aff = helpers.affine([spacing] * 3, [-(n - 1) * spacing / 2] * 3)
+    volume = helpers.blob_volume(aff, (n,) * 3, centers, [1.0, 0.6], sigma_mm=3.0)
+    if crop_second:
+      volume[n // 2:] = 0.0  # x > 0 removed: the right blob is gone
+    volume += rng.normal(0, 0.02, volume.shape).astype(np.float32)
+    volumes.append(volume)
+    affines.append(aff)
+  target = centers.copy()
+  present = np.array([1.0, 0.0 if crop_second else 1.0])
+  target[present == 0] = np.nan
+  return volumes, affines, target, present
+
+
+def _batch(cases):
+  return {"volumes": [jnp.stack([c[0][s] for c in cases]) for s in range(len(SPACINGS))],
+          "affines": [jnp.stack([jnp.asarray(c[1][s], jnp.float32) for c in cases]) for s in range(len(SPACINGS))],
+          "target_mm": jnp.asarray(np.stack([c[2] for c in cases]), jnp.float32),
+          "present": jnp.asarray(np.stack([c[3] for c in cases]), jnp.float32)}
+
+
+def test_presence_learns_that_a_landmark_was_cropped_away():
+  """Trained on images where the second blob is cut away half the time, the presence output must call it
+  absent on new cropped images and present on new whole ones (and the first present in both)."""
+  rng = np.random.default_rng(0)
+  model = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
+                           presence=True, patch_groups=1)
+  train = [_case(rng, crop_second=i % 2 == 1) for i in range(8)]
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=_batch(train[:1])["volumes"],
+                                   affines=_batch(train[:1])["affines"], learning_rate=3e-3)
+  step = jax.jit(functools.partial(steps.train_step, key=None, weights=jnp.array([1.0, 1.0]), presence_weight=10.0))
+  batch = _batch(train)
+  for _ in range(150):
+    state, metrics = step(state, batch)
+  assert float(metrics["presence_bce"]) < 0.2
+  test = [_case(rng, crop_second=crop) for crop in (False, True, False, True)]
+  out = model.apply({"params": state.params}, *[_batch(test)[k] for k in ("volumes", "affines")])
+  probability = np.asarray(jax.nn.sigmoid(out["presence_logit"]))
+  assert np.all(probability[:, 0] > 0.8), probability
+  assert np.all(probability[[0, 2], 1] > 0.8), probability
+  assert np.all(probability[[1, 3], 1] < 0.2), probability
+
+
+def test_presence_loss_is_the_cross_entropy_of_known_entries_only():
+  logit = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+  present = jnp.array([[1.0, 0.0, jnp.nan], [jnp.nan, 1.0, 0.0]])
+  known = [(0, 0, 1), (0, 1, 0), (1, 1, 1), (1, 2, 0)]
+  by_hand = np.mean([np.log1p(np.exp(-float(logit[b, k]))) if y else np.log1p(np.exp(float(logit[b, k])))
+                     for b, k, y in known])
+  np.testing.assert_allclose(float(losses.presence_loss(logit, present)), by_hand, rtol=1e-6)
+  assert float(losses.presence_loss(logit, jnp.full_like(present, jnp.nan))) == 0.0  # nothing known
+
+
+def test_presence_is_opt_in_and_leaves_the_coordinates_alone():
+  """Without `presence` the model has no presence parameters (older checkpoints still load); with it, the
+  coordinates are the same function of the same scale parameters, and a gradient of the presence loss
+  reaches every scale's U-Net."""
+  volumes, affines = helpers.random_pyramid(batch=2, sizes=(8, 16), spacings=(4.0, 2.0))
+  plain = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
+                           patch_groups=1)
+  with_presence = plain.clone(presence=True)
+  params = with_presence.init(jax.random.key(0), volumes, affines)["params"]
+  assert set(params) == {"scale0", "scale1", "presence"}
+  assert set(plain.init(jax.random.key(0), volumes, affines)["params"]) == {"scale0", "scale1"}
+  out = with_presence.apply({"params": params}, volumes, affines)
+  scales_only = {k: v for k, v in params.items() if k != "presence"}
+  np.testing.assert_array_equal(out["pred_mm"], plain.apply({"params": scales_only}, volumes, affines)["pred_mm"])
+  assert out["presence_logit"].shape == (2, 2)
+  present = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  grads = jax.grad(lambda p: losses.presence_loss(
+      with_presence.apply({"params": p}, volumes, affines)["presence_logit"], present))(params)
+  for scale in ("scale0", "scale1"):
+    assert float(optax.tree.norm(grads[scale])) > 0, scale
