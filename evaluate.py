@@ -13,13 +13,11 @@ Exit status 2 on bad data or config.
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from locnet_jax import from_config, io, xla_env
+from locnet_jax import cli, from_config, io, xla_env
 from locnet_jax.eval import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", "configs/multiscale.py", "The run's training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default", "The trained run's folder.")
 
 
@@ -29,7 +27,7 @@ def main(argv):
   xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)
   try:
-    out = evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+    out = evaluate.evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
   except (io.DataError, from_config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -37,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from locnet_jax import from_config, io
+from locnet_jax import cli, from_config, io
 from locnet_jax.eval import restore
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "The run's training configuration.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", "configs/multiscale.py", "The run's training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's folder.", required=True)
 _OUT = flags.DEFINE_string("out", None, "The model folder to write.", required=True)
 _NOTES = flags.DEFINE_string("notes", "", "Free text for the model card (what it was trained on, caveats).")
@@ -26,7 +24,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  config, workdir = _CONFIG.value, Path(_WORKDIR.value)
+  config, workdir = cli.config_value(_CONFIG), Path(_WORKDIR.value)
   try:
     from_config.check_model_config(config, workdir)
     data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
@@ -38,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

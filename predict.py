@@ -9,7 +9,8 @@ confidence volume when the model has >= 2 scales, calibrated when the model fold
 and all of them in `predictions.csv`. Each landmark gets a status, `ok`, `uncertain` or `absent` (no
 coordinates; an unplaced point in the .mrk.json) from the model's QC thresholds (locnet_jax/eval/qc.py);
 one warning line per image with any landmark not ok. The output folder
-is replaced as a whole once every prediction is written. Bad input: one line `error: <file>: <problem>`,
+gets only these files, each written atomically (nothing else there is touched; a folder holding an input or
+a model is refused). Bad input: one line `error: <file>: <problem>`,
 exit status 2.
 """
 
@@ -18,14 +19,14 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from locnet_jax import from_config, io
+from locnet_jax import cli, from_config, io
 from locnet_jax.eval import predict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6"
 _WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_MODEL),
                                "A trained run's folder or an exported model folder (default: the shipped model).")
 _IMAGES = flags.DEFINE_list("image", None, "NIfTI images (comma-separated).", required=True)
-_OUT = flags.DEFINE_string("out", "predictions", "Output folder (replaced).")
+_OUT = flags.DEFINE_string("out", "predictions", "Output folder (created if absent; only its own files written).")
 _SAMPLES = flags.DEFINE_integer("num_noise_samples", None, "Noise samples (default: the run's eval config).")
 
 
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -11,13 +11,11 @@ config, 3 the loss became non-finite (the latest checkpoint is the last good sta
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from locnet_jax import from_config, io, xla_env
+from locnet_jax import cli, from_config, io, xla_env
 from locnet_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/multiscale.py", "Training configuration.",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", "configs/multiscale.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
                                "Run folder: config, metrics, TensorBoard events, checkpoints.")
 
@@ -28,7 +26,7 @@ def main(argv):
   xla_env.prefer_channels_last_convolutions()  # before the first computation: GPU convolutions in NDHWC
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
-    summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = loop.train_and_evaluate(cli.config_value(_CONFIG), _WORKDIR.value)
   except (io.DataError, from_config.ConfigError) as e:  # bad input or settings: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -41,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 
 from locnet_jax.io import DataError
+from locnet_jax.outputs import check_case_id
 
 SPLITS = ("train", "val", "test")
+MANIFEST_KEYS = ("name", "description", "landmarks", "cases")
+CASE_KEYS = ("id", "image", "landmarks", "split", "absent")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -53,6 +56,9 @@ def load_manifest(path) -> Manifest:
     raise DataError(path, f"malformed JSON ({e})") from None
   if not isinstance(doc, dict):
     raise DataError(path, "the manifest must be a JSON object")
+  unknown = sorted(set(doc) - set(MANIFEST_KEYS))
+  if unknown:  # a misspelt key would silently be ignored
+    raise DataError(path, f"unknown keys {unknown}; allowed: {list(MANIFEST_KEYS)}")
   names = doc.get("landmarks")
   if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
     raise DataError(path, "'landmarks' must be a non-empty list of landmark names")
@@ -65,6 +71,10 @@ def load_manifest(path) -> Manifest:
   for i, case in enumerate(cases):
     if not isinstance(case, dict) or not isinstance(case.get("id"), str) or not isinstance(case.get("image"), str):
       raise DataError(path, f"case {i} needs string 'id' and 'image' fields")
+    unknown = sorted(set(case) - set(CASE_KEYS))
+    if unknown:  # "spilt": "test" would otherwise train on a test case
+      raise DataError(path, f"case {case['id']!r} has unknown keys {unknown}; allowed: {list(CASE_KEYS)}")
+    check_case_id(case["id"], path)
     if case["id"] in ids:
       raise DataError(path, f"case id {case['id']!r} appears more than once")
     ids.add(case["id"])

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from locnet_jax import dataset, io, parallel
-from locnet_jax.data import afids, augment_host, loader, synthetic
+from locnet_jax.data import afids, augment_host, loader, preprocess, synthetic
 from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
+from locnet_jax.model.unet import UNet3D
 
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
 DATA_SOURCES = ("synthetic", "manifest", "afids")
@@ -62,6 +64,47 @@ def augment_settings(train_config: ml_collections.ConfigDict) -> augment_host.Au
     raise ConfigError(f"unknown train.augmentation fields {unknown}; known: {sorted(fields)}")
   values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(given).items()}
   return augment_host.AugmentSettings(**values)
+
+
+def _require(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    raise ConfigError(f"{field}={value!r}: {rule}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every field checked up front, before any work: one `ConfigError` naming the field and the rule."""
+  d, m, t, e = config.data, config.model, config.train, config.eval
+  _require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {DATA_SOURCES}")
+  _require(not (d.manifest and d.source != "manifest"), "data.manifest", d.manifest,
+           f"is only read with data.source='manifest' (now {d.source!r}): set --config.data.source=manifest")
+  spacings = tuple(d.spacings_mm)
+  try:
+    preprocess.check_spacings(spacings)
+  except ValueError as error:
+    raise ConfigError(f"data.spacings_mm={spacings!r}: {error}") from None
+  levels = [d.finest_size // 2 ** s for s in range(len(spacings))]
+  _require(isinstance(d.finest_size, int) and d.finest_size >= 1 and d.finest_size % 2 ** (len(spacings) - 1) == 0,
+           "data.finest_size", d.finest_size, f"a positive multiple of 2**(levels - 1) = {2 ** (len(spacings) - 1)}")
+  _require(m.kind in MODEL_KINDS, "model.kind", m.kind, f"one of {MODEL_KINDS}")
+  factor = 2 ** (m.unet.depth + (m.extra_levels if m.kind == "single_scale" else 0))
+  _require(levels[-1] % factor == 0, "data.finest_size", d.finest_size,
+           f"the coarsest level ({levels[-1]} voxels) must be divisible by 2**(U-Net depth) = {factor}")
+  if m.kind == "multiscale" and len(spacings) > 1:
+    _require(isinstance(m.patch_size, int) and m.patch_size >= 1 and m.patch_size % factor == 0, "model.patch_size",
+             m.patch_size, f"a positive multiple of 2**unet.depth = {factor}")
+  try:
+    create_model(m, num_landmarks=1, num_scales=len(spacings))
+    UNet3D(out_channels=1, **m.unet.to_dict())  # its own checks (norm, activation, sizes...)
+  except ValueError as error:
+    raise ConfigError(f"model: {error}") from None
+  _require(np.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
+  for field, value, minimum in (("train.num_epochs", t.num_epochs, 1), ("train.batch_size", t.batch_size, 1),
+                                ("train.loader_workers", t.loader_workers, 0), ("data.num_train", d.num_train, 1),
+                                ("data.num_val", d.num_val, 1), ("eval.num_noise_samples", e.num_noise_samples, 0),
+                                ("eval.chunk_size", e.chunk_size, 0)):
+    _require(isinstance(value, int) and value >= minimum, field, value, f"an int >= {minimum}")
+  _require(t.get("presence_weight", 1.0) >= 0, "train.presence_weight", t.get("presence_weight"), ">= 0")
+  augment_settings(t)
 
 
 def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.PreprocessSettings:
@@ -125,9 +168,12 @@ class Data:
   from_files: bool
 
 
-def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -> Data:
-  """The config's training data: synthetic cases in memory, or a data set preprocessed once into the cache."""
+def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print, batch_size: int = 1) -> Data:
+  """The config's training data: synthetic cases in memory, or a data set preprocessed once into the cache.
+  Fewer training cases than `batch_size` is a `ConfigError`, raised before any preprocessing."""
   if data_config.source == "synthetic":
+    if data_config.num_train < batch_size:
+      raise ConfigError(f"train.batch_size={batch_size} exceeds data.num_train={data_config.num_train}")
     kwargs = dict(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
                   num_landmarks=data_config.num_landmarks)
     return Data(synthetic.make_cases(seed, data_config.num_train, **kwargs),
@@ -136,6 +182,9 @@ def load_data(data_config: ml_collections.ConfigDict, *, seed: int, log=print) -
   if data_config.source not in DATA_SOURCES:
     raise ConfigError(f"unsupported data.source {data_config.source!r}; supported: {DATA_SOURCES}")
   manifest = dataset.load_manifest(manifest_path(data_config, seed=seed, log=log))
+  if len(manifest.split("train")) < batch_size:
+    raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(manifest.split('train'))} training cases of "
+                      f"{manifest.path}")
   settings = preprocess_settings(data_config)
   cache = cache_dir(data_config, manifest)
   loader.prepare_cases(manifest.split("train") + manifest.split("val"), manifest.landmarks, settings, cache,

@@ -1,5 +1,6 @@
 """Parallelism: the batch split over a 1-D ``data`` mesh axis, parameters replicated (jax.sharding); and
-how many processes host-side work (preprocessing, data set building) may use (`cpu_workers`).
+how many processes host-side work (preprocessing, data set building) may use (`cpu_workers`), in pools
+whose workers die with their parent (`process_pool`).
 
 Every process (host) iterates the same global batches; each puts its own slice on its local devices
 (`jax.make_array_from_process_local_data`), so one process or many run the same computation. The jitted
@@ -8,7 +9,13 @@ step needs no change: XLA inserts the gradient all-reduce from the shardings.
 
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
+import ctypes.util
+import multiprocessing
 import os
+import signal
+import sys
 from typing import Any
 
 import jax
@@ -17,6 +24,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
 MAX_CPU_WORKERS = 8  # beyond this, preprocessing and building are bound by disk and memory, not cores
+
+
+def die_with_parent(parent_pid: int) -> None:
+  """In a worker process: be killed when `parent_pid` dies (Linux `PR_SET_PDEATHSIG`), and exit at once if
+  it already has, so no worker outlives a killed run (each can hold hundreds of MB)."""
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  if os.getppid() != parent_pid:
+    os._exit(1)
+
+
+def process_pool(workers: int, *, initializer=None, initargs=()) -> concurrent.futures.ProcessPoolExecutor:
+  """`workers` spawned processes (no fork of a process that may hold JAX's threads) that die with this one;
+  `initializer(*initargs)` then runs in each."""
+  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_init_worker, initargs=(os.getpid(), initializer, initargs))
+
+
+def _init_worker(parent_pid: int, initializer, initargs) -> None:
+  die_with_parent(parent_pid)
+  if initializer is not None:
+    initializer(*initargs)
 
 
 def cpu_workers() -> int:

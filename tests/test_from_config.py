@@ -48,3 +48,45 @@ def test_host_only_variation_cannot_run_on_the_device():
   config.train.noise = False
   with pytest.raises(from_config.ConfigError, match="presence=True needs model.kind='multiscale'"):
     loop._check_config(config, num_scales=3)
+
+
+BAD_FIELDS = [
+    ({"train.learning_rate": -1.0}, r"train.learning_rate=-1.0: > 0"),
+    ({"eval.num_noise_samples": -5}, r"eval.num_noise_samples=-5: an int >= 0"),
+    ({"eval.chunk_size": -1}, r"eval.chunk_size=-1: an int >= 0"),
+    ({"data.num_val": 0}, r"data.num_val=0: an int >= 1"),
+    ({"data.finest_size": 100}, r"data.finest_size=100: the coarsest level \(25 voxels\) must be divisible"),
+    ({"data.finest_size": 129}, r"data.finest_size=129: a positive multiple of 2\*\*\(levels - 1\) = 4"),
+    ({"model.patch_size": 0}, r"model.patch_size=0: a positive multiple"),
+    ({"model.unet.norm": "batch"}, r"model: norm must be one of"),
+    ({"data.manifest": "x.json"}, r"data.manifest='x.json': is only read with data.source='manifest'"),
+    ({"data.spacings_mm": (8.0, 2.0)}, r"data.spacings_mm=\(8.0, 2.0\): spacings_mm must be .* each twice the next"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_FIELDS, ids=[next(iter(c)) for c, _ in BAD_FIELDS])
+def test_every_field_is_checked_before_any_work(changes, message):
+  from configs import multiscale
+  config = multiscale.get_config("demo")
+  from_config.validate(config)  # the demo itself is fine
+  for key, value in changes.items():
+    *path, name = key.split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    section[name] = value
+  with pytest.raises(from_config.ConfigError, match=message):
+    from_config.validate(config)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_preprocessing(tmp_path):
+  from tests import helpers
+  manifest = helpers.tiny_dataset(tmp_path / "data", count=3)  # 2 train, 1 val
+  config = helpers.tiny_file_config(manifest, tmp_path / "cache")
+  with pytest.raises(from_config.ConfigError, match=r"train.batch_size=3 exceeds the 2 training cases of"):
+    from_config.load_data(config.data, seed=0, log=lambda *_: None, batch_size=3)
+  assert not (tmp_path / "cache").exists()  # nothing was preprocessed
+  config.data.source = "synthetic"
+  config.data.manifest = ""
+  with pytest.raises(from_config.ConfigError, match=rf"train.batch_size=100 exceeds data.num_train={config.data.num_train}"):
+    from_config.load_data(config.data, seed=0, log=lambda *_: None, batch_size=100)

@@ -274,6 +274,12 @@ def _bad_manifest(tmp_path, kind):
     return _dataset(tmp_path, good, landmarks=())
   if kind == "duplicate_names":
     return _dataset(tmp_path, good, landmarks=("AC", "AC"))
+  if kind == "misspelt_split":
+    return _dataset(tmp_path, [dict(good[0], spilt="test")])
+  if kind == "unknown_top_key":
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "dataset.json").write_text(json.dumps({"landmarks": ["AC"], "cases": good, "landmark": ["AC"]}))
+    return tmp_path / "dataset.json"
   if kind == "unknown_absent":
     return _dataset(tmp_path, [dict(good[0], absent=["XYZ"])])
   if kind == "placed_absent":
@@ -314,6 +320,8 @@ BAD_INPUTS = [
     ("manifest without cases", "no_cases", "manifest", "non-empty list"),
     ("manifest without landmark names", "no_landmarks", "manifest", "non-empty list of landmark names"),
     ("manifest repeating a landmark name", "duplicate_names", "manifest", "repeats names"),
+    ("manifest case with a misspelt key", "misspelt_split", "manifest", r"unknown keys \['spilt'\]; allowed"),
+    ("manifest with an unknown key", "unknown_top_key", "manifest", r"unknown keys \['landmark'\]; allowed"),
     ("manifest listing an unknown landmark as absent", "unknown_absent", "manifest", r"does not: \['XYZ'\]"),
     ("a case listing as absent a landmark it places", "placed_absent", "example",
      r"lists as absent landmarks its file places: \['AC'\]"),

@@ -22,10 +22,8 @@ this package (`resources/afids/`, CC BY 4.0, see its NOTICE.md).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import hashlib
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -290,8 +288,7 @@ def build(out_dir, *, num_train: int = 48, num_val: int = 8, num_test: int = 16,
     _init_worker(*init)
     written = map(_write_case, jobs)
   else:  # spawn: no fork of a process that may hold JAX's threads; results come back in case order
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init)
+    pool = parallel.process_pool(workers, initializer=_init_worker, initargs=init)
     written = pool.map(_write_case, jobs)
   cases, info = [], []
   try:

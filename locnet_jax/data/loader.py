@@ -8,23 +8,24 @@ and computed in background worker processes while the device trains on the previ
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import io as _io
 import json
-import multiprocessing
+import os
+import secrets
 from collections import deque
 from collections.abc import Iterator, Sequence
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
 
-from locnet_jax import dataset, io
+from locnet_jax import dataset, io, outputs, parallel
 from locnet_jax.data import augment_host, preprocess
 
 CACHE_VERSION = 1  # bump when preprocessing code changes what it produces
+SHM_PREFIX = "locnet_"  # shared-memory blocks of the loader's workers: locnet_<training PID>_<random>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +70,32 @@ def cache_key(image: Path, settings: PreprocessSettings) -> str:
   return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+MAX_SPACING_MM = 10.0  # coarser voxels than this along any axis: not an image a landmark model can read
+MIN_EXTENT_MM = 16.0  # an image narrower than this along any axis holds no anatomy worth locating
+
+
+def check_image_geometry(volume: io.Volume, path) -> None:
+  """Sanity limits on an image's voxel spacing and field of view: a `io.DataError` naming the file."""
+  spacing, shape = volume.spacing_mm, np.asarray(volume.data.shape)
+  rounded = tuple(round(float(s), 3) for s in spacing)
+  if np.any(spacing > MAX_SPACING_MM):
+    raise io.DataError(path, f"voxel spacing {rounded} mm exceeds {MAX_SPACING_MM:g} mm along an axis")
+  if np.any(spacing * shape < MIN_EXTENT_MM):
+    raise io.DataError(path, f"the image covers only {tuple(round(float(e), 1) for e in spacing * shape)} mm "
+                       f"(shape {tuple(int(n) for n in shape)}, spacing {rounded} mm): under {MIN_EXTENT_MM:g} mm "
+                       "along an axis")
+
+
 def compute_pyramid(image: Path, settings: PreprocessSettings) -> preprocess.Pyramid:
+  """The image's pyramid (`preprocess.build_pyramid` of its normalised intensities); bad images are a
+  `io.DataError` naming the file."""
   volume = io.load_volume(image)
-  data = preprocess.normalize_intensity(volume.data, mode=settings.intensity, ct_window_hu=settings.ct_window_hu,
-                                        mr_percentiles=settings.mr_percentiles)
+  check_image_geometry(volume, image)
+  try:
+    data = preprocess.normalize_intensity(volume.data, mode=settings.intensity, ct_window_hu=settings.ct_window_hu,
+                                          mr_percentiles=settings.mr_percentiles)
+  except ValueError as error:
+    raise io.DataError(image, f"cannot normalise its intensities ({error}): is it almost constant?") from None
   return preprocess.build_pyramid(data, volume.affine, spacings_mm=settings.spacings_mm,
                                   finest_size=settings.finest_size)
 
@@ -125,14 +148,15 @@ def prepare_cases(cases: Sequence[dataset.Case], names: Sequence[str], settings:
                   *, workers: int) -> None:
   """Checks every case (images, landmarks inside them) and fills the pyramid cache, in `workers` processes.
 
-  Raises the first case's `io.DataError`, in manifest order, whatever the worker count (0: in this process).
+  Raises the first case's `io.DataError`, in manifest order, whatever the worker count (0: in this process);
+  a cache folder that cannot be written, before any work.
   """
+  outputs.check_writable(cache_dir)
   if workers <= 0 or len(cases) < 2:
     for case in cases:
       _prepare(case, names, settings, cache_dir)
     return
-  context = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX's threads
-  with concurrent.futures.ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
+  with parallel.process_pool(min(workers, len(cases))) as pool:
     futures = [pool.submit(_prepare, case, tuple(names), settings, cache_dir) for case in cases]
     for future in futures:
       future.result()
@@ -173,8 +197,10 @@ def _augmented_in_shared_memory(source, seed_triple, settings):
   """In a worker: the augmented example with its volumes in one shared-memory block (not pickled)."""
   example = _augmented(source, seed_triple, settings)
   volumes = example.pyramid.volumes
-  block = shared_memory.SharedMemory(create=True, size=max(1, sum(v.nbytes for v in volumes)))
-  resource_tracker.unregister(block._name, "shared_memory")  # the receiving process unlinks it
+  # Registered with the run's resource tracker (shared with the parent): the parent's unlink unregisters
+  # it; if the run is killed first, the tracker unlinks it once the run and its workers are gone.
+  block = shared_memory.SharedMemory(create=True, size=max(1, sum(v.nbytes for v in volumes)),
+                                     name=f"{SHM_PREFIX}{os.getppid()}_{secrets.token_hex(8)}")
   offset, layout = 0, []
   for v in volumes:
     np.ndarray(v.shape, v.dtype, buffer=block.buf, offset=offset)[...] = v
@@ -234,8 +260,7 @@ class Loader:
     self.sources = [InMemory(s) if isinstance(s, Example) else s for s in sources]
     self.batch_size, self.seed = batch_size, seed
     self.augment, self.prefetch = augment, max(1, prefetch)
-    self._pool = (concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-                  if workers > 0 else None)
+    self._pool = parallel.process_pool(workers) if workers > 0 else None
 
   def steps_per_epoch(self) -> int:
     return len(self.sources) // self.batch_size

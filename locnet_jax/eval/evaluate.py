@@ -3,7 +3,8 @@
 For every case: the deterministic prediction of every scale and, for a multi-scale Loc-Net, the test-time
 uncertainty (`inference.make_uncertainty`: N noise samples of the finest scale in one jitted call; the
 prediction is their mean), optionally calibrated on another split. Writes results.json, results.md, the
-predictions and the paper's figures to one folder, swapped in when complete.
+predictions and the paper's figures to one folder (`outputs.py`: checked before any work, each file written
+atomically, nothing else in it touched).
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ import jax
 import ml_collections
 import numpy as np
 
-from locnet_jax import dataset, from_config, io
+from locnet_jax import dataset, from_config, io, outputs
 from locnet_jax.eval import figures, predict, qc, restore, scoring
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=print) -> Path:
   """Scores the run in `workdir` on `config.eval.split` of `config.data`; returns the output folder."""
   workdir = Path(workdir)
+  from_config.validate(config)
   from_config.check_model_config(config, workdir)
   manifest = dataset.load_manifest(from_config.manifest_path(config.data, seed=config.seed, log=log))
   settings = from_config.preprocess_settings(config.data)
   cache = from_config.cache_dir(config.data, manifest)
+  out = Path(config.eval.out_dir) if config.eval.out_dir else workdir / "eval" / config.eval.split
+  inputs = [c.image for c in manifest.cases] + [c.landmarks for c in manifest.cases if c.landmarks]
+  outputs.check_output_folder(out, inputs=inputs, runs=[workdir])  # before any work
+  outputs.check_writable(workdir)  # qc.json
   examples = from_config.load_split(manifest, config.eval.split, settings, cache)
   trained = restore.restore(config, workdir, example=examples[0], which=config.eval.checkpoint)
   log(f"evaluating {trained.checkpoint} on {len(examples)} {config.eval.split} cases of {manifest.path}")
@@ -55,7 +61,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
     results["qc_thresholds"] = checks
   results.update(checkpoint=str(trained.checkpoint), data=str(manifest.path), split=config.eval.split,
                  num_noise_samples=config.eval.num_noise_samples, device=jax.devices()[0].device_kind)
-  out = Path(config.eval.out_dir) if config.eval.out_dir else workdir / "eval" / config.eval.split
   title = f"{workdir.name} on {manifest.path.parent.name} ({config.eval.split}, {len(examples)} cases)"
 
   def write(folder: Path) -> None:
@@ -65,7 +70,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
     if config.eval.figures:
       _write_figures(folder, config, trained, examples, predictions, results, manifest.landmarks)
 
-  predict.replace_folder(out, write)
+  write(outputs.prepare_output_folder(out, inputs=inputs, runs=[workdir]))
   log(f"results in {out}: mean radial error {results['overall'].get('mean_mm', float('nan')):.2f} mm over "
       f"{results['overall']['count']} landmarks")
   return out

@@ -1,46 +1,24 @@
 """Predictions of a trained model on cases: the deterministic pass, the 50-pass uncertainty, and the files
 users open (3D Slicer `.mrk.json` and CSV, RAS mm in the world of the case's original image).
 
-Outputs go to a fresh folder that replaces the old one only when complete (`replace_folder`): a crash
-leaves the previous results untouched, and old and new files never mix.
+Outputs follow `outputs.py`: the folder is checked before any work (never a file, never one holding an
+input or a model folder), and only the files of the predicted cases are written, each atomically.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from locnet_jax import from_config, io
+from locnet_jax import from_config, io, outputs
 from locnet_jax.data import loader
 from locnet_jax.eval import metrics, qc, restore
 from locnet_jax.eval.restore import Trained
 from locnet_jax.model import inference
 from locnet_jax.model.locnet import MultiScaleLocNet
-
-
-def replace_folder(final: Path, write) -> None:
-  """Calls `write(tmp_folder)`, then swaps the finished folder in for `final` (old contents removed)."""
-  final = Path(final)
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-  try:
-    write(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = None
-  if final.exists():
-    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-    os.replace(final, old / final.name)
-  os.replace(tmp, final)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def predict_cases(trained: Trained, examples: list[loader.Example], *, num_samples: int, chunk_size: int,
@@ -131,22 +109,28 @@ def warnings(predictions: list[dict]) -> list[str]:
 def predict_images(workdir: Path, images: list, out: Path, *, num_samples: int | None = None) -> list[dict]:
   """Predicts the landmarks of NIfTI `images` (no ground truth) with the model in `workdir` (a training
   run's best checkpoint or an exported model folder, which carries its own config) and writes them to the
-  folder `out` (`write_predictions`, swapped in when complete). `num_samples`: noise samples (None: the
+  folder `out` (`write_predictions`; `outputs.py` rules). `num_samples`: noise samples (None: the
   model's eval config). Returns `predict_cases`' records with QC (`qc.annotate`, thresholds from the model
-  folder: calibrated uncertainty, status); a case is named by its file name up to the first dot."""
+  folder: calibrated uncertainty, status); a case is named by its file name without `.nii.gz` / `.nii`
+  (`outputs.case_ids_from_paths`: two images with one name are an error)."""
   workdir = Path(workdir)
+  if not images:
+    raise io.DataError(out, "no images given")
+  if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 0):
+    raise from_config.ConfigError(f"num_noise_samples={num_samples!r}: an int >= 0")
+  outputs.check_output_folder(out, inputs=images, runs=[workdir])
+  ids = outputs.case_ids_from_paths(images)
   config = restore.saved_config(workdir)
   settings = from_config.preprocess_settings(config.data)
   examples = []
-  for image in images:
-    path = Path(image)
-    pyramid = loader.compute_pyramid(path, settings)
-    examples.append(loader.Example(path.name.split(".")[0], pyramid, np.zeros((0, 3))))  # no ground truth
+  for case_id, image in zip(ids, images):
+    pyramid = loader.compute_pyramid(Path(image), settings)
+    examples.append(loader.Example(case_id, pyramid, np.zeros((0, 3))))  # no ground truth
   trained = restore.restore(config, workdir, example=examples[0])
   samples = config.eval.num_noise_samples if num_samples is None else num_samples
   predictions = predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
                               seed=config.seed)
   checks = qc.load(workdir)
   predictions = [qc.annotate(p, checks) for p in predictions]
-  replace_folder(out, lambda folder: write_predictions(folder, predictions, trained.names))
+  write_predictions(outputs.prepare_output_folder(out, inputs=images, runs=[workdir]), predictions, trained.names)
   return predictions

@@ -3,7 +3,8 @@
 Layout under a run's folder ``<workdir>/checkpoints``::
 
     latest/<epochs done>/{state, meta}   the last two, rotated; resuming reads the newest
-    best/<epochs done>/{state, meta}     the one with the lowest validation error so far
+    best/<epochs done>/{state, meta}     the newest is the one with the lowest validation error so far
+                                         (the one before it is kept until the next is complete)
 
 ``state`` is the whole train state (parameters, optimiser state, step); ``meta`` is JSON: the epoch
 record (losses, validation errors), the global step, the best validation error so far and the config the
@@ -15,8 +16,12 @@ temporary folder is ignored and deleted on the next start.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +65,8 @@ class Checkpoints:
   def __init__(self, directory: str | Path):
     self.directory = Path(directory)
     self._latest = _manager(self.directory / "latest", max_to_keep=2)
-    self._best = _manager(self.directory / "best", max_to_keep=1)
+    # two kept: the previous best stays complete while a new one is written (a kill mid-save loses nothing)
+    self._best = _manager(self.directory / "best", max_to_keep=2)
 
   def save(self, epochs_done: int, state, meta: dict, *, is_best: bool) -> None:
     """Saves `state` and `meta` after `epochs_done` epochs; also as the best one when `is_best`."""
@@ -114,6 +120,40 @@ class Checkpoints:
                                                              meta=ocp.args.JsonRestore()))
     return Restored(restored["state"], step, restored["meta"])
 
+
+
+class WorkdirLock:
+  """An exclusive lock on a training workdir (``<workdir>/.lock``, an flock): a second trainer on the same
+  workdir fails at once with a `io.DataError` naming the holder (PID, host, start time). The kernel
+  releases an flock when its process dies, so the lock of a killed run is taken over (with a message)
+  by the next one. Local file systems only: flock may not work across the hosts of a network file system.
+  """
+
+  def __init__(self, workdir: str | Path, *, log=print):
+    self.path, self.log, self._fd = Path(workdir) / ".lock", log, None
+
+  def __enter__(self):
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise io.DataError(self.path.parent, f"in use by another training run ({holder}); wait for it to end "
+                         "or use another --workdir") from None
+    left = os.pread(fd, 512, 0).decode(errors="replace").strip()
+    if left:
+      self.log(f"{self.path.parent}: taking over the lock of {left}, which is no longer running")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc):
+    os.ftruncate(self._fd, 0)  # a clean exit leaves no holder to report
+    os.close(self._fd)  # releases the flock
+    self._fd = None
 
 
 EXPORT_PARAMS, EXPORT_META = "params", "model.json"

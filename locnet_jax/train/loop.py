@@ -16,6 +16,7 @@ augmented by background workers or on the device), or the AFIDs benchmark (built
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -130,11 +131,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   if config.train.distributed:
     jax.distributed.initialize()  # cluster found from the environment (SLURM, Open MPI, TPU, or JAX_* vars)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  from_config.validate(config)
   num_scales = len(config.data.spacings_mm)
   _check_config(config, num_scales=num_scales)
+  workdir.mkdir(parents=True, exist_ok=True)
   config_dict = from_config.config_dict(config)
-  with checkpoints_lib.Checkpoints(workdir / "checkpoints") as checkpoints:
+  lock = checkpoints_lib.WorkdirLock(workdir, log=log) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, checkpoints_lib.Checkpoints(workdir / "checkpoints") as checkpoints:
     saved = checkpoints.read_meta()
     if saved is not None:
       differences = from_config.config_differences(saved["config"], config_dict)
@@ -144,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       if saved["record"]["epoch"] + 1 >= config.train.num_epochs:
         log(f"{workdir}: already trained for {config.train.num_epochs} epochs")
         return _summary(saved, checkpoints)
-    data = from_config.load_data(config.data, seed=config.seed, log=log)
+    data = from_config.load_data(config.data, seed=config.seed, log=log, batch_size=config.train.batch_size)
     model = from_config.create_model(config.model, num_landmarks=len(data.names), num_scales=num_scales)
     mesh = parallel.data_mesh(batch_size=config.train.batch_size)
     root = jax.random.key(config.seed)
@@ -249,7 +252,8 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       consume(*pending)
       val_error = validation_errors(predict, state.params, data.val, batch_size=config.train.batch_size)
       finest = float(val_error[-1])
-      is_best = finest < best_error
+      # the last epoch is the best if no epoch was (non-finite validation errors): a run always ends with a best
+      is_best = finest < best_error or (epoch == epochs - 1 and checkpoints.best_path() is None)
       if is_best:
         best_error, best_epoch = finest, epoch
       record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_loss)),

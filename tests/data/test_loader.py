@@ -93,3 +93,21 @@ def test_loader_is_deterministic_whatever_the_workers():
       np.testing.assert_array_equal(x["volumes"][s], y["volumes"][s])
   assert a[0]["volumes"][2].shape == (2, 48, 48, 48) and a[0]["affines"][0].shape == (2, 4, 4)
   assert not np.allclose(a[0]["target_mm"], other_epoch[0]["target_mm"])
+
+
+@pytest.mark.parametrize("what, shape, spacing, message", [
+    ("1 x 1 x 1000 mm voxels", (32, 32, 4), (1.0, 1.0, 1000.0), r"voxel spacing \(1.0, 1.0, 1000.0\) mm exceeds 10 mm"),
+    ("an 8^3 image of 1 mm voxels", (8, 8, 8), (1.0, 1.0, 1.0), r"covers only \(8.0, 8.0, 8.0\) mm"),
+    ("one bright voxel", (24, 24, 24), (2.0, 2.0, 2.0), r"cannot normalise its intensities"),
+], ids=lambda v: v if isinstance(v, str) and " " in v else "")
+def test_images_no_landmark_model_can_read_are_refused_naming_the_file(tmp_path, what, shape, spacing, message):
+  data = np.zeros(shape, np.float32)
+  data[0, 0, 0] = 1.0  # one bright voxel: every percentile is 0
+  if "bright" not in what:
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  path = tmp_path / "scan.nii.gz"
+  io.save_volume(path, data, np.diag([*spacing, 1.0]))
+  settings = loader.PreprocessSettings(spacings_mm=(8.0, 4.0), finest_size=16)
+  with pytest.raises(io.DataError, match=message) as error:
+    loader.compute_pyramid(path, settings)
+  assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -54,6 +54,16 @@ def test_evaluate_and_predict_from_the_shell(tiny_run, tmp_path):
                             f"--out={tmp_path / 'pred'}"], cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
   assert missing.returncode == 2 and "no.nii.gz" in missing.stderr.strip().splitlines()[-1]
   assert (tmp_path / "pred" / f"{case['case_id']}.mrk.json").is_file()  # the earlier output is untouched
+  # outputs that would swallow an input or the run: refused before any work, nothing lost
+  before = {p: p.read_bytes() for p in [image, *workdir.rglob("*")] if p.is_file()}
+  for command in (["predict.py", f"--workdir={workdir}", f"--image={image}", f"--out={image.parent}"],
+                  ["predict.py", f"--workdir={workdir}", f"--image={image}", f"--out={image}"],
+                  ["evaluate.py", f"--workdir={workdir}", *overrides, f"--config.eval.out_dir={workdir}"],
+                  ["evaluate.py", f"--workdir={workdir}", *overrides, f"--config.eval.out_dir={workdir.parent}"]):
+    refused = subprocess.run([sys.executable, *command], cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in refused.stderr, command
+  assert {p: p.read_bytes() for p in [image, *workdir.rglob("*")] if p.is_file()} == before
 
 
 def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):

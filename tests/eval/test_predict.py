@@ -1,6 +1,7 @@
 """Predictions land on the right spot in 3D Slicer's frames, and an output folder is replaced whole or not at all."""
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from locnet_jax import geometry, io
+from locnet_jax import geometry, io, outputs
 from locnet_jax.data import loader
 from locnet_jax.eval import metrics, predict, restore
 from locnet_jax.model.locnet import MultiScaleLocNet
@@ -56,20 +57,64 @@ def test_a_prediction_for_an_lps_stored_oblique_image_reads_back_at_the_truth_in
   rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
   assert rows[0] == ",".join(io.PREDICTION_COLUMNS) and len(rows) == 3
   std = predictions[0]["std_mm"]
-  assert np.all(std >= 0) and float(rows[1].split(",")[-1]) == pytest.approx(metrics.confidence_volume_mm3(std[0]), rel=1e-6)
+  cells = dict(zip(io.PREDICTION_COLUMNS, rows[1].split(",")))
+  assert np.all(std >= 0)
+  assert float(cells["confidence_volume_mm3"]) == pytest.approx(metrics.confidence_volume_mm3(std[0]), rel=1e-6)
+  assert cells["status"] == "" and cells["presence"] == ""  # not through QC, no presence output
 
 
-def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
-  out = tmp_path / "eval"
-  predict.replace_folder(out, lambda f: (f / "old.txt").write_text("old"))
+def test_an_output_folder_gets_only_its_own_files_and_never_swallows_inputs_or_runs(tmp_path):
+  """Writing predictions leaves every other file in the folder byte-identical; a folder that is a file,
+  holds an input, or is or holds a model folder is refused before anything is written."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  (out / "scan.csv").write_text("old")
+  record = {"case_id": "scan", "names": ("AC",), "pred_mm": np.zeros((1, 1, 3)), "mean_mm": None, "std_mm": None,
+            "presence": None, "seconds": 0.0}
+  predict.write_predictions(outputs.prepare_output_folder(out), [record], ("AC",))
+  assert (out / "notes.txt").read_text() == "mine" and (out / "scan.csv").read_text() != "old"
+  assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "predictions.csv", "scan.csv", "scan.mrk.json"]
+  image = out / "input.nii.gz"
+  image.write_bytes(b"x")
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "model.json").write_text("{}")
+  (model / "params").mkdir()
+  refused = [(tmp_path / "file.txt", {}, "is a file"), (out, {"inputs": [image]}, "holds an input"),
+             (tmp_path, {"runs": [model]}, "holds the model folder"), (model, {}, "is a training workdir or a model")]
+  (tmp_path / "file.txt").write_text("keep")
+  for path, checks, message in refused:
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(io.DataError, match=message):
+      outputs.prepare_output_folder(path, **checks)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+  assert outputs.check_output_folder(model / "eval", runs=[model]) == (model / "eval").resolve()  # inside: fine
 
-  def crash(folder):
-    (folder / "new.txt").write_text("half")
-    raise OSError("disk full")
 
-  with pytest.raises(OSError, match="disk full"):
-    predict.replace_folder(out, crash)
-  assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-  predict.replace_folder(out, lambda f: (f / "new.txt").write_text("new"))
-  assert sorted(p.name for p in out.iterdir()) == ["new.txt"]  # nothing old mixed in
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folders left
+@pytest.mark.parametrize("bad", ["", " ", "../x", "a/b", "/abs", "a\\b", ".hidden", "..", " lead"])
+def test_case_ids_must_be_plain_file_names(bad):
+  with pytest.raises(io.DataError, match="case id"):
+    outputs.check_case_id(bad, "dataset.json")
+
+
+def test_image_names_give_case_ids_without_the_nifti_suffix_and_never_collide(tmp_path):
+  assert outputs.case_ids_from_paths(["a/1.2.840.113.nii.gz", "b/scan.NII", "c/t1.nii"]) == [
+      "1.2.840.113", "scan", "t1"]
+  with pytest.raises(io.DataError, match=r"b/scan.nii.gz.*case id 'scan' of a/scan.nii"):
+    outputs.case_ids_from_paths(["a/scan.nii", "b/scan.nii.gz"])
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    if os.access(locked, os.W_OK):
+      pytest.skip("running as a user who may write anywhere")
+    for path in (locked, locked / "new" / "deeper"):
+      with pytest.raises(io.DataError, match="cannot be written"):
+        outputs.check_output_folder(path)
+    assert not (locked / "new").exists()
+  finally:
+    locked.chmod(0o700)

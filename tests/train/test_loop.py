@@ -44,6 +44,24 @@ def test_best_checkpoint_is_the_lowest_validation_error(tmp_path):
 
 
 
+@pytest.mark.slow  # a whole training run
+def test_a_run_always_ends_with_a_best_checkpoint_and_holds_its_workdir(tmp_path, monkeypatch):
+  """Validation errors that are never finite still leave a loadable best (the last epoch); while the run
+  holds the workdir's lock, a second trainer fails at once naming it; afterwards the lock is free."""
+  from locnet_jax import io
+  from locnet_jax.train import checkpoints
+  config = helpers.tiny_config(**{"train.num_epochs": 2})
+  monkeypatch.setattr(loop, "validation_errors", lambda *a, **k: np.array([np.nan, np.nan]))
+  summary = loop.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  assert summary["best_checkpoint"].endswith("best/2")
+  assert helpers.restore_run(tmp_path, config, best=True).epochs_done == 2
+  with checkpoints.WorkdirLock(tmp_path):
+    with pytest.raises(io.DataError, match=r"in use by another training run \(PID \d+ on "):
+      loop.train_and_evaluate(config, tmp_path, log=lambda *_: None)
+  assert (tmp_path / ".lock").read_text() == ""  # released and cleared
+
+
+
 
 @pytest.mark.slow  # a whole training run
 def test_an_unfinished_save_and_a_torn_metrics_line_do_not_break_resuming(tmp_path):

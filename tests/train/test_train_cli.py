@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,11 +40,25 @@ def test_train_py_runs_a_tiny_config_and_logs_the_schedule(tmp_path):
           f"{finest[best]:.2f} mm") in result.stdout
 
 
-def test_train_py_rejects_unknown_override(tmp_path):
+BAD_FLAGS = [
+    (["--config.train.num_epoch=3"], 'unknown config field in --config.train.num_epoch (num_epoch Did you mean "num_epochs"'),
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py"),
+    (["--config=configs/multiscale.py:bogus"], "unknown variant 'bogus'"),
+    (["--config.train.num_epochs=abc"], "--config.train.num_epochs=abc: invalid literal"),
+    (["--config.train.learning_rate=-1"], "train.learning_rate=-1.0: > 0"),
+    (["--config.data.finest_size=100"], "data.finest_size=100"),
+]
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[f[0] for f, _ in BAD_FLAGS])
+def test_bad_flags_and_configs_are_one_line_before_any_work(tmp_path, flags, message):
   result = subprocess.run([sys.executable, "train.py", "--config=configs/multiscale.py:synthetic_demo",
-                           f"--workdir={tmp_path}", "--config.train.num_epoch=3"], cwd=helpers.ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "num_epoch" in result.stderr
+                           f"--workdir={tmp_path / 'run'}", *flags], cwd=helpers.ROOT, capture_output=True, text=True,
+                          timeout=300)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+  assert message in lines[0] and not (tmp_path / "run").exists()
 
 
 def test_train_py_reports_bad_data_in_one_line(tmp_path):
@@ -84,3 +99,51 @@ def test_train_py_exits_3_with_one_line_when_training_diverges(tmp_path):
   assert result.returncode == 3, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: non-finite training loss") and "No checkpoint was saved yet" in last
+
+
+def _children(pid: int) -> list[int]:
+  """PIDs whose parent is `pid` (from /proc)."""
+  out = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      out.append(int(stat.parent.name))
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except OSError:
+    return False
+  return state != "Z"
+
+
+@pytest.mark.slow  # a training subprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /dev/shm are Linux's")
+def test_a_killed_trainer_leaves_no_worker_and_no_shared_memory(tmp_path):
+  manifest = helpers.tiny_dataset(tmp_path / "data", count=6)
+  overrides = [f"--config.{k}={v}" for k, v in {
+      "data.source": "manifest", "data.manifest": manifest, "data.cache_dir": tmp_path / "cache",
+      "data.spacings_mm": "(8.0, 4.0)", "data.finest_size": 16, "model.patch_size": 8, "model.unet.depth": 1,
+      "model.unet.base_channels": 2, "model.patch_groups": 1, "train.num_epochs": 50,
+      "train.loader_workers": 2}.items()]
+  process = subprocess.Popen([sys.executable, "train.py", "--config=configs/multiscale.py:synthetic_demo", *overrides,
+                              f"--workdir={tmp_path / 'run'}"], cwd=helpers.ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (tmp_path / "run" / "checkpoints" / "latest" / "2").is_dir() and time.time() < deadline:
+    time.sleep(0.05)
+  workers = [p for p in _children(process.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+  assert len(workers) >= 2 and process.poll() is None, "the run never reached its second epoch with its workers"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  deadline = time.time() + 30
+  while (any(_alive(p) for p in workers) or list(Path("/dev/shm").glob(f"locnet_{process.pid}_*"))) and (
+      time.time() < deadline):
+    time.sleep(0.1)
+  assert not [p for p in workers if _alive(p)], "loader workers outlived the killed trainer"
+  assert not list(Path("/dev/shm").glob(f"locnet_{process.pid}_*")), "shared-memory blocks outlived the run"
