@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -39,7 +41,7 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
   settings = from_config.preprocess_settings(config.data)
   checks = qc.load(folder)
   samples = config.eval.num_noise_samples if num_samples is None else num_samples
-  trained, out = None, {}
+  trained, out, pooled = None, {}, []
   for name, (path, split) in sets.items():
     manifest = dataset.load_manifest(path)
     examples = from_config.load_split(manifest, split, settings, manifest.path.parent / ".locnet_cache")
@@ -57,8 +59,17 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
                             calibration=calibration)
     results["wall_s"] = round(time.perf_counter() - start, 1)
     out[name] = results
+    if name != "test":  # pooled over the stress sets: the QC targets
+      _, mi, di = scoring.matched(trained.names, manifest.landmarks)
+      for record, example, case in zip(records, examples, results["per_case"]):
+        errors = np.array([np.nan if e is None else e for e in case["error_mm"]])
+        pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di]))
     log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "
         f"{results['overall']['count']} points ({results['wall_s']} s)")
+  if pooled:
+    errors, status, present = (np.concatenate(parts) for parts in zip(*pooled))
+    out["all stress sets"] = {"overall": metrics.summarize_errors(errors[np.isfinite(errors)]),
+                              "qc": qc.summarize(errors, status, present)}
   return out
 
 

@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)
   # what the augmentation draws (locnet_jax/data/augment_host.py AugmentSettings: each field's meaning there).
-  # The "variation" fields (deform_mm and after) model other individuals, contrasts and fields of view; they
-  # run on the host only (train.augment_on="host")
+  # The "variation" fields (deform_mm and after) model other individuals, contrasts and fields of view; the
+  # host and the device implement the same draws (all but elastic_mm, host only)
   train.augmentation = aug = ml_collections.ConfigDict()
   aug.max_rotation_deg = 10.0
   aug.max_scale = 0.05

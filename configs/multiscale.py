@@ -69,7 +69,7 @@ def use_real_scan_variation(config: ml_collections.ConfigDict) -> ml_collections
   aug.max_blur_mm = 1.5
   aug.thick_probability = 0.2
   aug.fov_probability = 0.3
-  config.train.augment_on = "host"  # the variation runs on the host only
+  config.train.augment_on = "host"  # the loader's workers (a GPU run may pass --config.train.augment_on=device)
   config.train.loader_workers = 2  # the host's augmentation costs ~4x the plain one per case
   config.model.presence = True
   return config

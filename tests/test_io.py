@@ -199,6 +199,8 @@ def test_a_case_may_list_landmarks_outside_its_image_and_its_example_says_so(tmp
   manifest = dataset.load_manifest(path)
   assert manifest.cases[0].absent == ("PC",) and manifest.cases[1].absent == ()
   settings = loader.PreprocessSettings(spacings_mm=(2.0,), finest_size=4, intensity="none")
+  for case in manifest.cases:  # a 4^3 image is too small to predict on; only the landmarks matter here
+    io.save_volume(case.image, np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32), np.eye(4))
   first, second = (loader.load_example(c, manifest.landmarks, settings, tmp_path / "cache") for c in manifest.cases)
   np.testing.assert_array_equal(first.presence(), [1.0, 0.0])
   assert np.all(np.isnan(second.presence()))  # nothing annotated: nothing known
@@ -274,6 +276,8 @@ def _bad_manifest(tmp_path, kind):
     return _dataset(tmp_path, good, landmarks=())
   if kind == "duplicate_names":
     return _dataset(tmp_path, good, landmarks=("AC", "AC"))
+  if kind == "path_in_id":
+    return _dataset(tmp_path, [dict(good[0], id="../../x")])
   if kind == "misspelt_split":
     return _dataset(tmp_path, [dict(good[0], spilt="test")])
   if kind == "unknown_top_key":
@@ -320,6 +324,7 @@ BAD_INPUTS = [
     ("manifest without cases", "no_cases", "manifest", "non-empty list"),
     ("manifest without landmark names", "no_landmarks", "manifest", "non-empty list of landmark names"),
     ("manifest repeating a landmark name", "duplicate_names", "manifest", "repeats names"),
+    ("manifest case id with a path (traversal)", "path_in_id", "manifest", r"case id '../../x' is not a plain file"),
     ("manifest case with a misspelt key", "misspelt_split", "manifest", r"unknown keys \['spilt'\]; allowed"),
     ("manifest with an unknown key", "unknown_top_key", "manifest", r"unknown keys \['landmark'\]; allowed"),
     ("manifest listing an unknown landmark as absent", "unknown_absent", "manifest", r"does not: \['XYZ'\]"),

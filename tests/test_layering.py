@@ -10,9 +10,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "locnet_jax"
 # Stages, lowest first: a module may import modules of lower stages and the modules listed before it in
 # its own stage. A new module must be placed here before another can import it.
 STAGES = {
-    "base": ["xla_env", "parallel", "geometry", "io", "dataset"],
-    "data": ["data.preprocess", "data.variation", "data.augment_host", "data.augment_device", "data.loader", "data.resident",
-             "data.synthetic", "data.afids", "data.afids_stress"],
+    "base": ["xla_env", "cli", "parallel", "geometry", "io", "outputs", "dataset"],
+    "data": ["data.preprocess", "data.variation", "data.augment_host", "data.variation_device", "data.augment_device",
+             "data.loader", "data.resident", "data.synthetic", "data.afids", "data.afids_stress"],
     "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],
     "train": ["train.steps", "train.checkpoints", "train.reporting", "train.loop"],

@@ -53,7 +53,10 @@ class AugmentSettings:
 
 
 DEVICE_FIELDS = ("max_rotation_deg", "max_scale", "max_translation_mm", "max_gamma", "max_intensity_scale",
-                 "max_intensity_shift", "noise_std")  # what `augment_device` implements; the rest is host-only
+                 "max_intensity_shift", "noise_std", "deform_mm", "deform_spacing_mm", "max_axis_scale",
+                 "lut_probability", "lut_knots", "max_bias_log", "max_blur_mm", "thick_probability",
+                 "max_thickness_mm", "fov_probability", "fov_slab_probability", "fov_min_mm",
+                 "fov_shift_mm")  # what `augment_device` implements; the rest (elastic_mm) is host-only
 
 
 def host_only_fields(settings: AugmentSettings) -> list[str]:

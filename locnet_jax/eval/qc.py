@@ -51,9 +51,8 @@ def fit(predictions: list[dict], truth_mm: np.ndarray, *, model_index, calibrati
   return qc
 
 
-def statuses(*, presence: np.ndarray | None, radius: np.ndarray | None, qc: dict | None) -> list[str]:
-  """Per landmark (K,): "ok", "uncertain" or "absent" (module docstring); all "ok" without QC."""
-  count = len(presence) if presence is not None else (len(radius) if radius is not None else 0)
+def statuses(*, count: int, presence: np.ndarray | None, radius: np.ndarray | None, qc: dict | None) -> list[str]:
+  """Per landmark (`count`,): "ok", "uncertain" or "absent" (module docstring); all "ok" without QC."""
   if qc is None:
     return ["ok"] * count
   out = []
@@ -77,7 +76,8 @@ def annotate(prediction: dict, qc: dict | None) -> dict:
   calibrated = None if std is None else np.asarray(std) * scale
   radius = None if std is None else radius_mm(np.asarray(std), scale)
   return {**prediction, "std_calibrated_mm": calibrated, "radius_mm": radius,
-          "status": statuses(presence=prediction.get("presence"), radius=radius, qc=qc)}
+          "status": statuses(count=prediction["pred_mm"].shape[-2], presence=prediction.get("presence"),
+                             radius=radius, qc=qc)}
 
 
 def load(folder: Path) -> dict | None:

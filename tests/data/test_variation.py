@@ -31,13 +31,14 @@ def _value_at(volume, affine, points_mm):
 def test_a_random_displacement_never_folds_space():
   rng = np.random.default_rng(0)
   field = variation.random_displacement(rng, lower_mm=[-60] * 3, upper_mm=[60] * 3, spacing_mm=20.0, max_mm=15.0)
-  assert np.abs(field.values_mm).max() <= variation.FOLD_FREE * 20.0 + 1e-9  # capped: 15 mm asked, 8 given
-  grid = np.stack(np.meshgrid(*[np.linspace(-55, 55, 23)] * 3, indexing="ij"), -1).reshape(-1, 3)
-  h = 0.5
+  assert np.abs(field.values_mm).max() <= variation.FOLD_FREE * 20.0 + 1e-9  # capped: 15 mm asked, 3.3 given
+  # random points, not a grid aligned with the node cells (where a folding field can still look fine)
+  grid = np.random.default_rng(1).uniform(-58, 58, (200_000, 3))
+  h = 0.05
   jacobian = np.stack([((grid + h * e + field(grid + h * e)) - (grid - h * e + field(grid - h * e))) / (2 * h)
                        for e in np.eye(3)], -1)  # (N, 3, 3) of x -> x + d(x)
   assert np.linalg.det(jacobian).min() > 0
-  assert np.abs(field(grid)).max() > 4.0  # and it really moves things by several mm
+  assert np.abs(field(grid)).max() > 2.5  # and it really moves things by several mm
 
 
 def test_deformation_and_anatomy_keep_image_and_landmarks_together():

@@ -66,6 +66,38 @@ def test_evaluate_and_predict_from_the_shell(tiny_run, tmp_path):
   assert {p: p.read_bytes() for p in [image, *workdir.rglob("*")] if p.is_file()} == before
 
 
+
+def test_bad_predict_input_is_one_line_and_loses_nothing(tiny_run, tmp_path):
+  workdir, manifest, _ = tiny_run
+  image = manifest.parent / "c0.nii.gz"
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  for folder in ("a", "b"):
+    (tmp_path / folder / "scan.nii.gz").write_bytes(image.read_bytes())
+  bright = np.zeros((24, 24, 24), np.float32)
+  bright[3, 3, 3] = 1.0
+  io.save_volume(tmp_path / "bright.nii.gz", bright, np.diag([2.0, 2.0, 2.0, 1.0]))
+  io.save_volume(tmp_path / "needle.nii.gz", np.random.default_rng(0).normal(size=(16, 16, 4)).astype(np.float32),
+                 np.diag([1.0, 1.0, 1000.0, 1.0]))
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "keep.txt").write_text("mine")
+  cases = [([f"--image={image}", "--num_noise_samples=-5"], "num_noise_samples=-5"),
+           (["--image="], "no images given"),
+           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'},{tmp_path / 'b' / 'scan.nii.gz'}"], "has the case id 'scan'"),
+           ([f"--image={tmp_path / 'bright.nii.gz'}"], "cannot normalise its intensities"),
+           ([f"--image={tmp_path / 'needle.nii.gz'}"], "exceeds 10 mm"),
+           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'}", f"--out={tmp_path / 'a'}"], "holds an input")]
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  for flags, message in cases:
+    out = [] if any(f.startswith("--out=") for f in flags) else [f"--out={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "predict.py", f"--workdir={workdir}", *flags, *out], cwd=helpers.ROOT,
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, done.stderr[-2000:])
+    assert message in lines[0], (flags, lines[0])
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):
   workdir, manifest, overrides = tiny_run
   done = subprocess.run([sys.executable, "export_model.py", f"--workdir={workdir}", f"--out={tmp_path / 'model'}",

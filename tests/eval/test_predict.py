@@ -90,6 +90,10 @@ def test_an_output_folder_gets_only_its_own_files_and_never_swallows_inputs_or_r
       outputs.prepare_output_folder(path, **checks)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
   assert outputs.check_output_folder(model / "eval", runs=[model]) == (model / "eval").resolve()  # inside: fine
+  umask = os.umask(0)
+  os.umask(umask)
+  fresh = outputs.prepare_output_folder(tmp_path / "fresh" / "deep")
+  assert fresh.is_dir() and fresh.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual permissions, not 0700
 
 
 @pytest.mark.parametrize("bad", ["", " ", "../x", "a/b", "/abs", "a\\b", ".hidden", "..", " lead"])

@@ -25,10 +25,11 @@ def test_statuses_follow_presence_then_the_calibrated_radius():
   # radius = scale x max std x sqrt(chi2_3(0.9)): std 0.5 -> 2.5 mm, std 0.7 -> 3.5 mm (threshold 3 mm)
   std = np.array([[0.1, 0.5, 0.2], [0.7, 0.1, 0.1], [0.1, 0.1, 0.1]]) / np.sqrt(metrics.CHI2_3) * 2.5
   np.testing.assert_allclose(qc.radius_mm(std, 2.0), [2.5, 3.5, 0.5], rtol=1e-12)
-  assert qc.statuses(presence=np.array([0.95, 0.95, 0.95]), radius=qc.radius_mm(std, 2.0), qc=CHECKS) == [
+  assert qc.statuses(count=3, presence=np.array([0.95, 0.95, 0.95]), radius=qc.radius_mm(std, 2.0), qc=CHECKS) == [
       "ok", "uncertain", "ok"]
-  assert qc.statuses(presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=CHECKS) == ["absent", "uncertain", "ok"]
-  assert qc.statuses(presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=None) == ["ok"] * 3  # no QC: no opinion
+  assert qc.statuses(count=3, presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=CHECKS) == ["absent", "uncertain", "ok"]
+  assert qc.statuses(count=3, presence=np.array([0.3, 0.7, 0.99]), radius=None, qc=None) == ["ok"] * 3  # no QC: no opinion
+  assert qc.annotate(_record("c", np.zeros((3, 3)), None, None), CHECKS)["status"] == ["ok"] * 3  # nothing to judge
   annotated = qc.annotate(_record("c", np.zeros((3, 3)), std, [0.2, 0.95, 0.95]), CHECKS)
   assert annotated["status"] == ["absent", "uncertain", "ok"]
   np.testing.assert_allclose(annotated["std_calibrated_mm"], std * 2.0)

@@ -147,3 +147,19 @@ def test_a_killed_trainer_leaves_no_worker_and_no_shared_memory(tmp_path):
     time.sleep(0.1)
   assert not [p for p in workers if _alive(p)], "loader workers outlived the killed trainer"
   assert not list(Path("/dev/shm").glob(f"locnet_{process.pid}_*")), "shared-memory blocks outlived the run"
+
+
+@pytest.mark.slow  # two training subprocesses
+def test_a_second_trainer_on_a_busy_workdir_exits_2_naming_the_first(tmp_path):
+  command = [sys.executable, "train.py", *helpers.tiny_cli_overrides(4), f"--workdir={tmp_path}"]
+  first = subprocess.Popen(command, cwd=helpers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / ".lock").is_file() or not (tmp_path / ".lock").read_text():
+    assert time.time() < deadline and first.poll() is None, "the first trainer never took the lock"
+    time.sleep(0.05)
+  second = subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  lines = second.stderr.strip().splitlines()
+  assert second.returncode == 2 and len(lines) == 1 and f"in use by another training run (PID {first.pid} on " in lines[0]
+  out, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-2000:]
+  assert [r["epoch"] for r in helpers.metrics_records(tmp_path)] == [0, 1, 2, 3]  # the first run's metrics, intact
