@@ -14,10 +14,11 @@ Variants (the sizes; every other Table-1 config derives from these):
                   Not yet run; its expected time: docs/performance.md.
   "demo"          2 CPU cores: 3 scales at 8, 4, 2 mm over 256 mm, 24^3 patches, 8 base channels,
                   15 epochs (the README's first command).
-  "afids6"        the demo's sizes for 50 epochs with the real-scan variation and presence output
-                  (use_real_scan_variation): the shipped model pretrained/afids6, exported with
+  "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6, exported with
                   python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 \\
                       --out=pretrained/afids6
+  "afids6_real"   "afids6" with the real-scan variation and the presence output (use_real_scan_variation):
+                  the candidate to replace it, being tuned (docs/results.md, "Real-scan stress sets")
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
                   tests and a smoke run).
 
@@ -28,22 +29,23 @@ import ml_collections
 
 from configs import default
 
-VARIANTS = ("", "demo", "afids6", "synthetic_demo")
+VARIANTS = ("", "demo", "afids6", "afids6_real", "synthetic_demo")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(repr(v) for v in VARIANTS)})")
   config = default.get_config()
-  if variant in ("demo", "afids6", "synthetic_demo"):
+  if variant in ("demo", "afids6", "afids6_real", "synthetic_demo"):
     config.data.spacings_mm = (8.0, 4.0, 2.0)
     config.data.finest_size = 128
     config.model.patch_size = 24
     config.model.unet.base_channels = 8
     config.train.num_epochs = 15
     config.train.learning_rate = 1e-3
-  if variant == "afids6":
+  if variant in ("afids6", "afids6_real"):
     config.train.num_epochs = 50
+  if variant == "afids6_real":
     use_real_scan_variation(config)
   if variant == "synthetic_demo":
     config.data.source = "synthetic"

@@ -26,7 +26,7 @@ def test_the_augmentation_section_declares_every_setting_with_its_default():
   config = default.get_config()
   assert set(config.train.augmentation) == {f.name for f in dataclasses.fields(augment_host.AugmentSettings)}
   assert from_config.augment_settings(config.train) == augment_host.AugmentSettings()
-  varied = from_config.augment_settings(multiscale.get_config("afids6").train)
+  varied = from_config.augment_settings(multiscale.get_config("afids6_real").train)
   assert varied.deform_mm > 0 and varied.fov_probability > 0 and varied.lut_probability > 0
   assert augment_host.host_only_fields(varied) == []  # the device implements every variation
   assert augment_host.host_only_fields(augment_host.AugmentSettings(elastic_mm=2.0)) == ["elastic_mm"]
@@ -39,14 +39,14 @@ def test_the_augmentation_section_declares_every_setting_with_its_default():
 def test_host_only_augmentation_cannot_run_on_the_device():
   from configs import multiscale
   from locnet_jax.train import loop
-  config = multiscale.get_config("afids6")
+  config = multiscale.get_config("afids6_real")
   loop._check_config(config, num_scales=3)  # on the host: fine
   config.train.augment_on = "device"
   loop._check_config(config, num_scales=3)  # the variation runs on the device too
   config.train.augmentation.elastic_mm = 2.0  # the old mild elastic warp does not
   with pytest.raises(from_config.ConfigError, match=r"run on the host only.*augment_on=host"):
     loop._check_config(config, num_scales=3)
-  config = multiscale.get_config("afids6")
+  config = multiscale.get_config("afids6_real")
   config.model.kind = "single_scale"
   config.train.noise = False
   with pytest.raises(from_config.ConfigError, match="presence=True needs model.kind='multiscale'"):
