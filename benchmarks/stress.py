@@ -51,17 +51,13 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
     records = predict.predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
                                     seed=config.seed)
     records = [qc.annotate(r, checks) for r in records]
-    calibration = None
-    if checks and checks.get("calibration_scale"):
-      calibration = {"split": checks["fitted_on"]["split"], "cases": checks["fitted_on"]["cases"],
-                     "scale": checks["calibration_scale"]}
     results = scoring.score(records, examples, model_names=trained.names, data_names=manifest.landmarks,
-                            calibration=calibration)
+                            calibration=qc.calibration(checks))
     results["wall_s"] = round(time.perf_counter() - start, 1)
     out[name] = results
     if name != "test":  # pooled over the stress sets: the QC targets
       _, mi, di = scoring.matched(trained.names, manifest.landmarks)
-      for record, example, case in zip(records, examples, results["per_case"]):
+      for example, case in zip(examples, results["per_case"]):
         errors = np.array([np.nan if e is None else e for e in case["error_mm"]])
         pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di]))
     log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "

@@ -51,9 +51,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, log=prin
     checks = qc.fit(held, np.stack([ex.target_mm[di] for ex in held_out]), model_index=mi,
                     calibration_scale=scale, split=f"{manifest.path.parent.name}/{split}")
     io.atomic_write(workdir / qc.QC_FILE, json.dumps(checks, indent=1) + "\n")
-  elif checks is not None and checks.get("calibration_scale"):
-    fitted = {"split": checks["fitted_on"]["split"], "cases": checks["fitted_on"]["cases"],
-              "scale": checks["calibration_scale"]}
+  else:
+    fitted = qc.calibration(checks)
   predictions = [qc.annotate(p, checks) for p in predictions]
   results = scoring.score(predictions, examples, model_names=trained.names, data_names=manifest.landmarks,
                   calibration=fitted)

@@ -80,6 +80,15 @@ def annotate(prediction: dict, qc: dict | None) -> dict:
                              radius=radius, qc=qc)}
 
 
+def calibration(checks: dict | None) -> dict | None:
+  """The uncertainty calibration QC thresholds carry, as `scoring.score` takes it ({"split", "cases",
+  "scale"}), or None."""
+  if not checks or not checks.get("calibration_scale"):
+    return None
+  return {"split": checks["fitted_on"]["split"], "cases": checks["fitted_on"]["cases"],
+          "scale": checks["calibration_scale"]}
+
+
 def load(folder: Path) -> dict | None:
   """The QC a model folder carries: an exported model's `model.json` "qc", or a workdir's `qc.json`."""
   folder = Path(folder)

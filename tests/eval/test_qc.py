@@ -97,3 +97,9 @@ def test_scoring_counts_flags_and_absent_calls():
   assert q["absent_recall"] == 1.0 and q["false_absent_rate"] == 0.0
   assert results["per_case"][0]["status"] == ["ok", "absent", "uncertain"]
   assert "QC: 1 ok, 1 uncertain, 1 absent of 3 points" in scoring.results_markdown(results, title="t")
+
+
+def test_the_calibration_carried_by_qc_thresholds():
+  fitted = {**CHECKS, "fitted_on": {"split": "afids/val", "cases": 8}}
+  assert qc.calibration(fitted) == {"split": "afids/val", "cases": 8, "scale": 2.0}
+  assert qc.calibration(None) is None and qc.calibration({**fitted, "calibration_scale": None}) is None
