@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)
   train.learning_rate = 5e-4  # Adam (paper: 5e-4)
+  # fine-tuning: an exported model folder (export_model.py) whose parameters start the run; what it lacks
+  # (e.g. the presence output) starts from the seed's init. Read only when the workdir is new.
+  train.init_from = ""
   train.batch_size = 1  # volumes per step (paper: 1)
   # "paper": all scales together, weights scheduled per epoch (losses.loss_weights); "multistep": one
   # scale at a time, coarse first, equal shares of the epochs, the others frozen (Table 1 baseline)

@@ -342,7 +342,7 @@ def write_landmarks_csv(path, names: Sequence[str], points_mm: np.ndarray) -> No
 
 
 PREDICTION_COLUMNS = ("case_id", "label", "x", "y", "z", "std_x", "std_y", "std_z", "confidence_volume_mm3",
-                      "presence", "status")
+                      "presence", "status", "seconds")
 
 
 def write_predictions_csv(path, rows: Sequence[dict]) -> None:

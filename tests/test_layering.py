@@ -16,7 +16,7 @@ STAGES = {
     "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],
     "train": ["train.steps", "train.checkpoints", "train.reporting", "train.loop"],
-    "eval": ["eval.metrics", "eval.qc", "eval.figures", "eval.restore", "eval.predict", "eval.scoring",
+    "eval": ["eval.metrics", "eval.qc", "eval.figures", "eval.restore", "eval.cohort", "eval.predict", "eval.scoring",
              "eval.evaluate"],
 }
 # which stages a stage may import: `data` and `model` are independent of each other

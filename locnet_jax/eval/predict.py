@@ -7,7 +7,9 @@ input or a model folder), and only the files of the predicted cases are written,
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -15,43 +17,73 @@ import numpy as np
 
 from locnet_jax import from_config, io, outputs
 from locnet_jax.data import loader
-from locnet_jax.eval import metrics, qc, restore
+from locnet_jax.eval import cohort, metrics, qc, restore
 from locnet_jax.eval.restore import Trained
 from locnet_jax.model import inference
 from locnet_jax.model.locnet import MultiScaleLocNet
 
 
-def predict_cases(trained: Trained, examples: list[loader.Example], *, num_samples: int, chunk_size: int,
-                  seed: int) -> list[dict]:
-  """Per case: {"case_id", "names" (K,) the model's landmarks, "pred_mm" (S, K, 3), "mean_mm"/"std_mm" (K, 3) or None, "presence" (K,)
-  probability or None (a model without a presence output), "seconds"}."""
-  predict = inference.make_forward(trained.model)
-  uncertain = isinstance(trained.model, MultiScaleLocNet) and trained.model.num_scales >= 2 and num_samples > 0
-  sample = inference.make_uncertainty(trained.model, num_samples=num_samples, chunk_size=chunk_size) if uncertain else None
-  out = []
-  for i, example in enumerate(examples):
+class Predictor:
+  """A trained model's predictions, one case at a time, compiled once for the config's pyramid shapes: the
+  deterministic pass, and with `num_samples` > 0 (multi-scale models) the noise passes' mean and std."""
+
+  def __init__(self, trained: Trained, *, num_samples: int, chunk_size: int):
+    self.trained = trained
+    self.uncertain = isinstance(trained.model, MultiScaleLocNet) and trained.model.num_scales >= 2 and num_samples > 0
+    self._fn = (inference.make_uncertainty(trained.model, num_samples=num_samples, chunk_size=chunk_size)
+                if self.uncertain else inference.make_forward(trained.model))
+    self._compiled = None
+
+  def _args(self, example: loader.Example, key: jax.Array) -> tuple:
     batch = loader.collate([example])
+    return (self.trained.params, batch["volumes"], batch["affines"]) + ((key,) if self.uncertain else ())
+
+  def compile(self, example: loader.Example) -> float:
+    """Compiles ahead of time for `example`'s shapes (every case of one config has them); returns seconds."""
     start = time.perf_counter()
-    if sample is not None:
-      result = jax.device_get(sample(trained.params, batch["volumes"], batch["affines"],
-                                     jax.random.fold_in(jax.random.key(seed), i)))
+    self._compiled = self._fn.lower(*self._args(example, jax.random.key(0))).compile()
+    return time.perf_counter() - start
+
+  def __call__(self, example: loader.Example, key: jax.Array) -> dict:
+    """{"case_id", "names" (K,) the model's landmarks, "pred_mm" (S, K, 3), "mean_mm"/"std_mm" (K, 3) or None,
+    "presence" (K,) probability or None (a model without a presence output), "seconds"}."""
+    args = self._args(example, key)
+    start = time.perf_counter()
+    try:
+      result = (self._compiled or self._fn)(*args)
+    except TypeError:  # another shape than the compiled one: the jitted function compiles for it
+      result = self._fn(*args)
+    result = jax.device_get(result)
+    if self.uncertain:
       pred = np.array(result["pred_mm"][0])
       pred[-1] = result["deterministic_mm"][0]
       mean, std = np.asarray(result["pred_mm"][0, -1]), np.asarray(result["std_mm"][0])
     else:
-      result = jax.device_get(predict(trained.params, batch["volumes"], batch["affines"]))
       pred, mean, std = np.asarray(result["pred_mm"][0]), None, None
     presence = None
     if "presence_logit" in result:
       presence = 1.0 / (1.0 + np.exp(-np.asarray(result["presence_logit"][0], np.float64)))
-    out.append({"case_id": example.case_id, "names": trained.names, "pred_mm": pred, "mean_mm": mean, "std_mm": std,
-                "presence": presence, "seconds": time.perf_counter() - start})
-  return out
+    return {"case_id": example.case_id, "names": self.trained.names, "pred_mm": pred, "mean_mm": mean, "std_mm": std,
+            "presence": presence, "seconds": time.perf_counter() - start}
+
+
+def predict_cases(trained: Trained, examples: list[loader.Example], *, num_samples: int, chunk_size: int,
+                  seed: int) -> list[dict]:
+  """`Predictor` records of `examples`, case i's noise keyed by ``fold_in(key(seed), i)``."""
+  predictor = Predictor(trained, num_samples=num_samples, chunk_size=chunk_size)
+  return [predictor(example, jax.random.fold_in(jax.random.key(seed), i)) for i, example in enumerate(examples)]
+
+
+def case_key(seed: int, case_id: str) -> jax.Array:
+  """The noise key of a predicted case: from the seed and its case id only, so a case gets the same noise
+  passes alone, in any cohort, order or shard."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(case_id.encode()) & 0x7FFFFFFF)
 
 
 def prediction_rows(predictions: list[dict], names) -> list[dict]:
   """Rows of the predictions CSV (docs/data_format.md): every landmark the model predicts, RAS mm; with
-  `qc.annotate`d records, the calibrated uncertainty, presence and status (an absent landmark: no x, y, z)."""
+  `qc.annotate`d records, the calibrated uncertainty, presence and status (an absent landmark: no x, y, z);
+  "seconds", the case's wall time (predict.py: reading and preprocessing its image, and the model)."""
   rows = []
   for p in predictions:
     point = _point(p)
@@ -66,6 +98,8 @@ def prediction_rows(predictions: list[dict], names) -> list[dict]:
         row["presence"] = round(float(p["presence"][k]), 4)
       if "status" in p:
         row["status"] = p["status"][k]
+      if p.get("seconds") is not None:
+        row["seconds"] = round(float(p["seconds"]), 3)
       rows.append(row)
   return rows
 
@@ -80,19 +114,27 @@ def _point(prediction: dict) -> np.ndarray:
   return point
 
 
+def write_case(files: dict, prediction: dict, names) -> None:
+  """One case's files (`cohort.Job.files`): "mrk" (`.mrk.json`, LPS as 3D Slicer saves; an absent landmark
+  an unplaced point, each point's status in its description), optional "fcsv" (RAS; absent landmarks left
+  out) and "csv" (`prediction_rows`), written each atomically and the CSV last (it marks the case done)."""
+  status = prediction.get("status")
+  descriptions = None if status is None else [f"status={s}" for s in status]
+  unplaced = [] if status is None else [n for n, s in zip(names, status) if s == "absent"]
+  Path(files["csv"]).parent.mkdir(parents=True, exist_ok=True)
+  io.write_mrk_json(files["mrk"], list(names), _point(prediction), coordinate_system="LPS",
+                    descriptions=descriptions, unplaced=unplaced)
+  if "fcsv" in files:
+    io.write_fcsv(files["fcsv"], list(names), _point(prediction))
+  io.write_predictions_csv(files["csv"], prediction_rows([prediction], names))
+
+
 def write_predictions(folder: Path, predictions: list[dict], names) -> None:
-  """`<case>.mrk.json` (opens in 3D Slicer over the original image; an absent landmark is an unplaced point,
-  each point's status in its description) and `<case>.csv` per case, and all in `predictions.csv`."""
+  """`<case>.mrk.json` and `<case>.csv` per case (`write_case`), and all of them in `predictions.csv`."""
   folder.mkdir(parents=True, exist_ok=True)
-  rows = prediction_rows(predictions, names)
   for p in predictions:
-    status = p.get("status")
-    descriptions = None if status is None else [f"status={s}" for s in status]
-    unplaced = [] if status is None else [n for n, s in zip(names, status) if s == "absent"]
-    io.write_mrk_json(folder / f"{p['case_id']}.mrk.json", list(names), _point(p), coordinate_system="LPS",
-                      descriptions=descriptions, unplaced=unplaced)
-    io.write_predictions_csv(folder / f"{p['case_id']}.csv", [r for r in rows if r["case_id"] == p["case_id"]])
-  io.write_predictions_csv(folder / "predictions.csv", rows)
+    write_case({"mrk": folder / f"{p['case_id']}.mrk.json", "csv": folder / f"{p['case_id']}.csv"}, p, names)
+  io.write_predictions_csv(folder / "predictions.csv", prediction_rows(predictions, names))
 
 
 def warnings(predictions: list[dict]) -> list[str]:
@@ -106,31 +148,87 @@ def warnings(predictions: list[dict]) -> list[str]:
   return lines
 
 
-def predict_images(workdir: Path, images: list, out: Path, *, num_samples: int | None = None) -> list[dict]:
-  """Predicts the landmarks of NIfTI `images` (no ground truth) with the model in `workdir` (a training
-  run's best checkpoint or an exported model folder, which carries its own config) and writes them to the
-  folder `out` (`write_predictions`; `outputs.py` rules). `num_samples`: noise samples (None: the
-  model's eval config). Returns `predict_cases`' records with QC (`qc.annotate`, thresholds from the model
-  folder: calibrated uncertainty, status); a case is named by its file name without `.nii.gz` / `.nii`
-  (`outputs.case_ids_from_paths`: two images with one name are an error)."""
+@dataclasses.dataclass
+class CohortResult:
+  """What a run over jobs did: the cases predicted now (records with QC and "load_s", "model_s",
+  "write_s"), the jobs skipped as already done, the failures (file, problem), the compilation seconds."""
+
+  predicted: list[dict]
+  skipped: list[cohort.Job]
+  failed: list[tuple[Path, str]]
+  compile_s: float | None
+
+
+def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_csv: str | None = "predictions.csv",
+                 num_samples: int | None = None, overwrite: bool = False, on_case=None) -> CohortResult:
+  """Predicts `jobs` (`cohort.py`) one image at a time with one compilation, the model in `workdir` (a run's
+  best checkpoint or an exported model folder, which carries its config and QC thresholds).
+
+  A job already done is skipped unless `overwrite`; an image that cannot be read or used is reported in
+  `failed` and the others go on. `out` is checked (`outputs.py` rules) before any work; `summary_csv`
+  (a name in `out`, or None) gathers the CSV rows of every done job, written when there is one.
+  `on_case(done, total, record_or_failure)` is called after each image (a progress bar). A case's noise is
+  keyed by its id (`case_key`), so shards and reruns give the same numbers.
+  """
   workdir = Path(workdir)
-  if not images:
-    raise io.DataError(out, "no images given")
   if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 0):
     raise from_config.ConfigError(f"num_noise_samples={num_samples!r}: an int >= 0")
-  outputs.check_output_folder(out, inputs=images, runs=[workdir])
-  ids = outputs.case_ids_from_paths(images)
+  if not jobs:
+    raise io.DataError(out, "no images given")
+  outputs.check_output_folder(out, inputs=[j.image for j in jobs], runs=[workdir])
   config = restore.saved_config(workdir)
   settings = from_config.preprocess_settings(config.data)
-  examples = []
-  for case_id, image in zip(ids, images):
-    pyramid = loader.compute_pyramid(Path(image), settings)
-    examples.append(loader.Example(case_id, pyramid, np.zeros((0, 3))))  # no ground truth
-  trained = restore.restore(config, workdir, example=examples[0])
   samples = config.eval.num_noise_samples if num_samples is None else num_samples
-  predictions = predict_cases(trained, examples, num_samples=samples, chunk_size=config.eval.chunk_size,
-                              seed=config.seed)
   checks = qc.load(workdir)
-  predictions = [qc.annotate(p, checks) for p in predictions]
-  write_predictions(outputs.prepare_output_folder(out, inputs=images, runs=[workdir]), predictions, trained.names)
-  return predictions
+  todo = [job for job in jobs if overwrite or not job.done()]
+  result = CohortResult([], [job for job in jobs if job not in todo], [], None)
+  predictor = None
+  for n, job in enumerate(todo):
+    start = time.perf_counter()
+    try:
+      example = loader.Example(job.case_id, loader.compute_pyramid(job.image, settings), np.zeros((0, 3)))
+    except io.DataError as error:
+      result.failed.append((Path(error.path), error.problem))
+      if on_case is not None:
+        on_case(n + 1, len(todo), result.failed[-1])
+      continue
+    load_s = time.perf_counter() - start
+    if predictor is None:
+      outputs.prepare_output_folder(out, inputs=[j.image for j in jobs], runs=[workdir])
+      trained = restore.restore(config, workdir, example=example)
+      predictor = Predictor(trained, num_samples=samples, chunk_size=config.eval.chunk_size)
+      result.compile_s = predictor.compile(example)
+    record = qc.annotate(predictor(example, case_key(config.seed, job.case_id)), checks)
+    record.update(load_s=load_s, model_s=record["seconds"], seconds=load_s + record["seconds"])
+    start = time.perf_counter()
+    write_case(job.files, record, predictor.trained.names)
+    record["write_s"] = time.perf_counter() - start
+    result.predicted.append(record)
+    if on_case is not None:
+      on_case(n + 1, len(todo), record)
+  done = [job for job in jobs if job.done()]
+  if summary_csv and done and (result.predicted or not (Path(out) / summary_csv).is_file()):
+    io.atomic_write(Path(out) / summary_csv, _gather_csv([job.files["csv"] for job in done]))
+  return result
+
+
+def _gather_csv(paths: list[Path]) -> str:
+  """The per-case CSVs (one header, `io.PREDICTION_COLUMNS`) as one table, in the order given."""
+  lines = []
+  for i, path in enumerate(paths):
+    text = path.read_text().splitlines()
+    lines.extend(text if i == 0 else text[1:])
+  return "\n".join(lines) + "\n"
+
+
+def predict_images(workdir: Path, images: list, out: Path, *, num_samples: int | None = None) -> list[dict]:
+  """Predicts NIfTI `images` (no ground truth) into the folder `out` (`predict_jobs`, plain layout: a case
+  is named by its file name without `.nii.gz` / `.nii`; two images with one name are an error), every
+  image predicted again. Returns the records; an image that fails is a `DataError` after the others ran."""
+  if not images:
+    raise io.DataError(out, "no images given")
+  result = predict_jobs(workdir, cohort.plain_jobs([Path(i) for i in images], Path(out)), out=Path(out),
+                        num_samples=num_samples, overwrite=True)
+  if result.failed:
+    raise io.DataError(*result.failed[0])
+  return result.predicted

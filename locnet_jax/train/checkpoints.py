@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from locnet_jax import io
 
@@ -180,3 +181,36 @@ def load_exported(directory: str | Path, target_params) -> tuple[Any, dict]:
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(directory / EXPORT_PARAMS, abstract)
   return params, json.loads((directory / EXPORT_META).read_text())
+
+
+def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...]) -> tuple[Any, list[str]]:
+  """Fine-tuning's start: `params` (a fresh init) with every leaf the exported model folder `source`
+  holds at the same path taken from it; returns (parameters, paths kept from the init).
+
+  Leaves the model has and the source lacks (e.g. a presence output added to a model trained without
+  one) keep their init; the source's `landmarks` must equal the run's (the heatmap channels are landmarks,
+  in order). A leaf of another shape, a source that is not an exported folder, or no leaf in common is a
+  `io.DataError` naming `source`.
+  """
+  source = Path(source).absolute()
+  if not is_exported(source):
+    raise io.DataError(source, f"not an exported model folder ({EXPORT_META} and {EXPORT_PARAMS}/ expected; "
+                               "export a run with export_model.py first)")
+  saved_landmarks = tuple(json.loads((source / EXPORT_META).read_text()).get("landmarks", ()))
+  if saved_landmarks != tuple(landmarks):
+    raise io.DataError(source, f"its landmarks {list(saved_landmarks)} differ from the run's {list(landmarks)}")
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = traverse_util.flatten_dict(checkpointer.restore(source / EXPORT_PARAMS), sep="/")
+  fresh = traverse_util.flatten_dict(params, sep="/")
+  for path in sorted(set(saved) & set(fresh)):
+    if tuple(saved[path].shape) != tuple(fresh[path].shape):
+      raise io.DataError(source, f"parameter {path} has shape {tuple(saved[path].shape)}, the model "
+                                 f"{tuple(fresh[path].shape)} (another model size in the config?)")
+  if not set(saved) & set(fresh):
+    raise io.DataError(source, "no parameter in common with the model the config describes")
+  unused = sorted(set(saved) - set(fresh))
+  if unused:
+    raise io.DataError(source, f"parameters the model the config describes lacks: {', '.join(unused[:4])}")
+  merged = {path: (jax.numpy.asarray(saved[path], fresh[path].dtype) if path in saved else value)
+            for path, value in fresh.items()}
+  return traverse_util.unflatten_dict(merged, sep="/"), sorted(set(fresh) - set(saved))

@@ -154,6 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     example = loader.collate(data.val[:1])
     state = steps.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
                                         affines=example["affines"], learning_rate=config.train.learning_rate)
+    if saved is None and config.train.init_from:
+      params, fresh = checkpoints_lib.warm_start(state.params, config.train.init_from, landmarks=data.names)
+      state = state.replace(params=params)
+      log(f"starting from {config.train.init_from}" + (f" (new: {', '.join(fresh)})" if fresh else ""))
     state = parallel.replicate(state, mesh)
     first_epoch, step, meta = 0, 0, None
     if saved is not None:

@@ -81,20 +81,25 @@ def test_bad_predict_input_is_one_line_and_loses_nothing(tiny_run, tmp_path):
                  np.diag([1.0, 1.0, 1000.0, 1.0]))
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "keep.txt").write_text("mine")
-  cases = [([f"--image={image}", "--num_noise_samples=-5"], "num_noise_samples=-5"),
-           (["--image="], "no images given"),
-           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'},{tmp_path / 'b' / 'scan.nii.gz'}"], "has the case id 'scan'"),
-           ([f"--image={tmp_path / 'bright.nii.gz'}"], "cannot normalise its intensities"),
-           ([f"--image={tmp_path / 'needle.nii.gz'}"], "exceeds 10 mm"),
-           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'}", f"--out={tmp_path / 'a'}"], "holds an input")]
+  # (flags, message, exit status, error lines): 2 = refused before any image (flags, names, output folder); else the
+  # number of images that failed, each on one error line, the others predicted
+  cases = [([f"--image={image}", "--num_noise_samples=-5"], "num_noise_samples=-5", 2, 1),
+           (["--image="], "no images given", 2, 1),
+           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'},{tmp_path / 'b' / 'scan.nii.gz'}"], "has the case id 'scan'", 2, 1),
+           (["--shard=2/2", f"--image={image}"], "not i/n", 2, 1),
+           ([f"--bids={tmp_path / 'a'}"], "no sub-* folder", 2, 1),
+           ([f"--image={tmp_path / 'bright.nii.gz'}"], "cannot normalise its intensities", 1, 1),
+           ([f"--image={tmp_path / 'needle.nii.gz'}"], "exceeds 10 mm", 1, 1),
+           ([f"--image={tmp_path / 'needle.nii.gz'},{tmp_path / 'bright.nii.gz'}"], "exceeds 10 mm", 2, 2),
+           ([f"--image={tmp_path / 'a' / 'scan.nii.gz'}", f"--out={tmp_path / 'a'}"], "holds an input", 2, 1)]
   before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-  for flags, message in cases:
+  for flags, message, status, count in cases:
     out = [] if any(f.startswith("--out=") for f in flags) else [f"--out={tmp_path / 'out'}"]
     done = subprocess.run([sys.executable, "predict.py", f"--workdir={workdir}", *flags, *out], cwd=helpers.ROOT,
                           capture_output=True, text=True, timeout=600)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (flags, done.stderr[-2000:])
-    assert message in lines[0], (flags, lines[0])
+    errors = [line for line in done.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert done.returncode == status and "Traceback" not in done.stderr, (flags, done.stderr[-2000:])
+    assert len(errors) == count and message in errors[0], (flags, errors)
   assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,3 +33,39 @@ def test_a_workdir_lock_names_its_holder_and_is_taken_over_when_the_holder_died(
     pass
   assert logged == [f"{tmp_path}: taking over the lock of PID 999999 on elsewhere since 2026-01-01 00:00:00, "
                     "which is no longer running"]
+
+
+def _init_params(model, seed: int):
+  from tests import helpers
+  volumes, affines = helpers.random_pyramid(sizes=(4, 8), spacings=(8.0, 4.0))
+  return model.init(jax.random.key(seed), volumes, affines)["params"]
+
+
+def test_warm_start_takes_every_leaf_the_source_has_and_keeps_the_new_ones(tmp_path):
+  from locnet_jax.model import locnet
+  unet = {"depth": 1, "base_channels": 2}
+  plain = locnet.MultiScaleLocNet(2, num_scales=2, unet=unet, patch_shape=(4, 4, 4))
+  with_presence = locnet.MultiScaleLocNet(2, num_scales=2, unet=unet, patch_shape=(4, 4, 4), presence=True)
+  source = _init_params(plain, seed=1)
+  checkpoints.export_model(tmp_path / "m", source, {"landmarks": ["A", "B"]})
+  fresh = _init_params(with_presence, seed=2)
+  started, new = checkpoints.warm_start(fresh, tmp_path / "m", landmarks=("A", "B"))
+  assert new == ["presence/bias", "presence/weight"]
+  np.testing.assert_array_equal(started["presence"]["weight"], fresh["presence"]["weight"])
+  for name in source:  # every scale's U-Net comes from the source, not from the fresh init
+    jax.tree.map(np.testing.assert_array_equal, started[name], source[name])
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh["scale0"]), jax.tree.leaves(source["scale0"])))
+
+
+def test_warm_start_refuses_what_does_not_fit(tmp_path):
+  from locnet_jax.model import locnet
+  small = locnet.MultiScaleLocNet(2, num_scales=2, unet={"depth": 1, "base_channels": 2}, patch_shape=(4, 4, 4))
+  wide = locnet.MultiScaleLocNet(2, num_scales=2, unet={"depth": 1, "base_channels": 4}, patch_shape=(4, 4, 4))
+  checkpoints.export_model(tmp_path / "m", _init_params(small, seed=1), {"landmarks": ["A", "B"]})
+  target = _init_params(small, seed=2)
+  with pytest.raises(io.DataError, match="landmarks"):
+    checkpoints.warm_start(target, tmp_path / "m", landmarks=("B", "A"))
+  with pytest.raises(io.DataError, match="shape"):
+    checkpoints.warm_start(_init_params(wide, seed=2), tmp_path / "m", landmarks=("A", "B"))
+  with pytest.raises(io.DataError, match="not an exported model folder"):
+    checkpoints.warm_start(target, tmp_path / "nothing", landmarks=("A", "B"))

@@ -237,3 +237,21 @@ def test_a_bad_data_on_is_a_config_error(tmp_path):
   config.train.data_on = "gpu"
   with pytest.raises(from_config.ConfigError, match=r"train.data_on 'gpu'; supported"):
     loop.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
+
+
+@pytest.mark.slow  # two training runs
+def test_a_run_can_start_from_an_exported_model(tmp_path):
+  from locnet_jax.train import checkpoints
+  config = helpers.tiny_config(**{"train.num_epochs": 1})
+  loop.train_and_evaluate(config, tmp_path / "a", log=lambda *_: None)
+  source = helpers.restore_run(tmp_path / "a", config).state.params
+  checkpoints.export_model(tmp_path / "m", source, {"landmarks": list(from_config.landmark_names(config.data))})
+  # a learning rate so small that one epoch of Adam moves no parameter by more than ~1e-8
+  tuned = helpers.tiny_config(**{"train.num_epochs": 1, "train.learning_rate": 1e-9, "model.presence": True,
+                                 "train.init_from": str(tmp_path / "m")})
+  logs = []
+  loop.train_and_evaluate(tuned, tmp_path / "b", log=logs.append)
+  params = helpers.restore_run(tmp_path / "b", tuned).state.params
+  assert set(params) == {*source, "presence"}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), {k: params[k] for k in source}, source)
+  assert any("starting from" in line and "presence/bias" in line for line in logs)
