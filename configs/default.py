@@ -75,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.init_from = ""
   train.batch_size = 1  # volumes per step (paper: 1)
   # "paper": all scales together, weights scheduled per epoch (losses.loss_weights); "multistep": one
-  # scale at a time, coarse first, equal shares of the epochs, the others frozen (Table 1 baseline)
+  # scale at a time, coarse first, equal shares of the epochs, the others frozen (Table 1 baseline);
+  # "flat": every scale weight 1 in every epoch (fine-tuning a trained model: the paper's schedule starts
+  # from the coarse scale alone, which undoes the finer scales' training)
   train.schedule = "paper"
   train.noise = True  # inject noise before the finest crop while training (paper's best model)
   train.augment = True  # random rotation/scale/translation and intensity changes (real data only)

@@ -51,6 +51,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # fine-tuned from the plain model (from scratch, the variation learns too slowly at this size:
     # docs/results.md); run from the repository root
     config.train.init_from = "pretrained/afids6"
+    config.train.schedule = "flat"
     config.train.num_epochs = 20
     config.train.learning_rate = 5e-4
   if variant == "synthetic_demo":

@@ -34,7 +34,7 @@ from locnet_jax.model import inference, losses
 from locnet_jax.train import checkpoints as checkpoints_lib
 from locnet_jax.train import reporting, steps
 
-SCHEDULES = ("paper", "multistep")
+SCHEDULES = ("paper", "multistep", "flat")
 AUGMENT_ON = ("auto", "host", "device")  # where training augmentation runs; "auto": host on CPUs, else device
 DATA_ON = ("auto", "host", "device")  # where the training set lives (`resident`); "auto": see `choose_data_on`
 RESIDENT_SHARE = 0.5  # "auto" keeps the training set on an accelerator if it takes at most this share of its memory
@@ -45,7 +45,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def schedule(train_config: ml_collections.ConfigDict, epoch: int, *, num_scales: int):
-  """(loss weights (S,), trainable mask (S,) or None) for `epoch`: the paper's schedule or multi-step."""
+  """(loss weights (S,), trainable mask (S,) or None) for `epoch`: the paper's schedule, multi-step, or
+  flat (every scale weight 1 in every epoch: fine-tuning a trained chain, whose scales all must adapt)."""
+  if train_config.schedule == "flat":
+    return jax.numpy.ones((num_scales,), jax.numpy.float32), None
   if train_config.schedule == "paper":
     return losses.loss_weights(epoch, num_epochs=train_config.num_epochs, num_scales=num_scales), None
   if train_config.schedule == "multistep":

@@ -255,3 +255,15 @@ def test_a_run_can_start_from_an_exported_model(tmp_path):
   assert set(params) == {*source, "presence"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), {k: params[k] for k in source}, source)
   assert any("starting from" in line and "presence/bias" in line for line in logs)
+
+
+def test_the_flat_schedule_weighs_every_scale_one_in_every_epoch():
+  config = helpers.tiny_config(**{"train.schedule": "flat", "train.num_epochs": 4}).train
+  for epoch in range(4):
+    weights, trainable = loop.schedule(config, epoch, num_scales=3)
+    np.testing.assert_array_equal(weights, np.ones(3))
+    assert trainable is None
+  paper = loop.schedule(helpers.tiny_config(**{"train.num_epochs": 4}).train, 0, num_scales=3)[0]
+  np.testing.assert_array_equal(paper, [1.0, 0.0, 0.0])  # the paper's starts from the coarse scale alone
+  with pytest.raises(loop.ConfigError, match="flat"):
+    loop.schedule(helpers.tiny_config(**{"train.schedule": "steep"}).train, 0, num_scales=3)
