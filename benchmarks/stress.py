@@ -57,15 +57,21 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
     out[name] = results
     if name != "test":  # pooled over the stress sets: the QC targets
       _, mi, di = scoring.matched(trained.names, manifest.landmarks)
-      for example, case in zip(examples, results["per_case"]):
+      for example, case, record in zip(examples, results["per_case"], records):
         errors = np.array([np.nan if e is None else e for e in case["error_mm"]])
-        pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di]))
+        presence = record["presence"][mi] if record.get("presence") is not None else np.full(len(mi), np.nan)
+        pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di], presence))
     log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "
         f"{results['overall']['count']} points ({results['wall_s']} s)")
   if pooled:
-    errors, status, present = (np.concatenate(parts) for parts in zip(*pooled))
+    errors, status, present, presence = (np.concatenate(parts) for parts in zip(*pooled))
     out["all stress sets"] = {"overall": metrics.summarize_errors(errors[np.isfinite(errors)]),
                               "qc": qc.summarize(errors, status, present)}
+    if np.isfinite(presence).any():  # how well presence separates: quantiles per truth
+      quantiles = lambda v: [round(float(q), 3) for q in np.quantile(v, [0.1, 0.5, 0.9])] if len(v) else None  # noqa: E731
+      out["all stress sets"]["presence_p10_p50_p90"] = {"absent": quantiles(presence[present == 0]),
+                                                        "present": quantiles(presence[present == 1])}
+      log(f"{folder.name} presence p10/p50/p90: {out['all stress sets']['presence_p10_p50_p90']}")
   return out
 
 

@@ -27,6 +27,7 @@ TABLE_1 = {"heatmap_unet": heatmap_unet, "single_scale": single_scale, "multiste
            "no_noise": no_noise, "multiscale": multiscale}
 
 
+@pytest.mark.slow  # a whole model per config: 15-35 s each on 2 cores
 @pytest.mark.parametrize("name", sorted(TABLE_1))
 def test_every_table_1_config_builds_and_runs_one_step(name):
   paper = TABLE_1[name].get_config()

@@ -29,6 +29,7 @@ def _cases(paths, kind):
   return manifest, manifest.split("test"), info
 
 
+@pytest.mark.slow  # builds the stress sets from the template: over 45 s on 2 cores
 @pytest.mark.parametrize("kind", afids_stress.KINDS)
 def test_every_kind_is_a_data_set_whose_landmarks_lie_in_their_images(built, kind):
   _, paths = built
@@ -39,6 +40,7 @@ def test_every_kind_is_a_data_set_whose_landmarks_lie_in_their_images(built, kin
     assert example.pyramid.volumes[-1].shape == (32, 32, 32)
 
 
+@pytest.mark.slow  # the built stress sets (see above)
 def test_thick_cases_have_thick_slices_along_one_axis(built):
   _, paths = built
   _, cases, info = _cases(paths, "thick")
@@ -47,6 +49,7 @@ def test_thick_cases_have_thick_slices_along_one_axis(built):
     np.testing.assert_allclose(np.sort(spacing), [1.0, 1.0, afids_stress.THICK_MM], atol=1e-4)
 
 
+@pytest.mark.slow  # the built stress sets (see above)
 def test_slab_cases_cover_a_slab_and_list_the_landmarks_outside_it_as_absent(built):
   _, paths = built
   manifest, cases, info = _cases(paths, "slab")

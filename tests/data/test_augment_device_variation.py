@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.ndimage
 
 from locnet_jax import geometry
@@ -167,6 +168,7 @@ def test_a_field_of_view_cuts_a_box_and_marks_the_landmarks_outside_absent():
   assert np.all((size[~slab] >= 20.0) & (size[~slab] <= np.asarray(extent) + 1e-4))
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_the_batch_under_jit_carries_presence_and_deformations_never_fold():
   volume, affine = _texture((24, 24, 24), seed=2)
   coarse = affine @ np.diag([2.0, 2.0, 2.0, 1.0])

@@ -11,7 +11,8 @@ from tests import helpers
 HALF_WIDTH = helpers.PYRAMID_HALF_WIDTH_MM  # the scale of every prediction's rounding (helpers.random_pyramid)
 
 
-@pytest.mark.parametrize("chunk_size", [0, 1, 3, 7])  # 0: auto
+@pytest.mark.parametrize("chunk_size", [pytest.param(0, marks=pytest.mark.slow), 1,  # 0: auto (1 on a CPU)
+                                        pytest.param(3, marks=pytest.mark.slow), 7])  # slow: over 25 s
 def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   volumes, affines = helpers.random_pyramid(batch=2, seed=5, flip=(1, -1, 1))
   model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),

@@ -92,6 +92,7 @@ def test_stop_gradient_cuts_every_coarser_scale_exactly():
   assert largest["scale2"] > 1e-6
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_patch_groups_change_speed_not_the_function_or_its_gradients():
   volumes, affines = helpers.random_pyramid(batch=2)
   target_mm = jnp.array([[[1.0, 2.0, 3.0], [-2.0, 0.0, 1.0], [0.5, 4.0, -1.0]]] * 2)
@@ -117,6 +118,7 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
 
 # ---------------------------------------------------------------- noise injection
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   volumes, affines = helpers.random_pyramid(batch=3)
   model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5, patch_groups=1)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 from locnet_jax.model import losses
@@ -45,6 +46,7 @@ def _batch(cases):
           "present": jnp.asarray(np.stack([c[3] for c in cases]), jnp.float32)}
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_presence_learns_that_a_landmark_was_cropped_away():
   """Trained on images where the second blob is cut away half the time, the presence output must call it
   absent on new cropped images and present on new whole ones (and the first present in both)."""
@@ -77,6 +79,7 @@ def test_presence_loss_is_the_cross_entropy_of_known_entries_only():
   assert float(losses.presence_loss(logit, jnp.full_like(present, jnp.nan))) == 0.0  # nothing known
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_presence_is_opt_in_and_leaves_the_coordinates_alone():
   """Without `presence` the model has no presence parameters (older checkpoints still load); with it, the
   coordinates are the same function of the same scale parameters, and a gradient of the presence loss

@@ -60,6 +60,7 @@ def test_jit_and_vmap_agree_with_a_batch():
   helpers.assert_f32_equal(batched, per_example)
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_conv_impls_share_parameters_and_compute_the_same_function():
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 4, 2))
   nets = {impl: UNet3D(out_channels=3, depth=2, base_channels=4, norm="instance", conv_impl=impl)

@@ -30,6 +30,7 @@ def _read_events(path: Path) -> list:
   return events
 
 
+@pytest.mark.slow  # many programs to compile: over 25 s on 2 cores
 def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
   loop.train_and_evaluate(helpers.tiny_config(), tmp_path, log=lambda *_: None)
   files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
