@@ -148,13 +148,13 @@ def test_fcsv_coordinate_system_header(tmp_path, header, expected_x):
 def test_predictions_csv_has_the_documented_columns(tmp_path):
   io.write_predictions_csv(tmp_path / "p.csv", [
       {"case_id": "c0", "label": "AC", "x": 1.5, "y": -2.0, "z": 3.0, "std_x": 0.1, "std_y": 0.2, "std_z": 0.3,
-       "confidence_volume_mm3": 1.25, "presence": 0.97, "status": "ok"},
+       "confidence_volume_mm3": 1.25, "presence": 0.97, "status": "ok", "seconds": 2.5},
       {"case_id": "c0", "label": "PC", "x": float("nan"), "y": float("nan"), "z": float("nan"), "std_x": float("nan"),
        "std_y": float("nan"), "std_z": float("nan"), "confidence_volume_mm3": float("nan"), "presence": 0.02,
        "status": "absent"}])
   lines = (tmp_path / "p.csv").read_text().splitlines()
-  assert lines[0] == "case_id,label,x,y,z,std_x,std_y,std_z,confidence_volume_mm3,presence,status"
-  assert lines[1] == "c0,AC,1.5,-2.0,3.0,0.1,0.2,0.3,1.25,0.97,ok" and lines[2] == "c0,PC,,,,,,,,0.02,absent"
+  assert lines[0] == "case_id,label,x,y,z,std_x,std_y,std_z,confidence_volume_mm3,presence,status,seconds"
+  assert lines[1] == "c0,AC,1.5,-2.0,3.0,0.1,0.2,0.3,1.25,0.97,ok,2.5" and lines[2] == "c0,PC,,,,,,,,0.02,absent,"
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -65,8 +65,8 @@ def test_an_absent_landmark_is_written_unplaced_and_reads_back_missing(tmp_path)
     np.testing.assert_allclose(loaded[[0, 2]], mean[[0, 2]], atol=1e-9)
     assert np.all(np.isnan(loaded[1])), path
   rows = (tmp_path / "predictions.csv").read_text().splitlines()
-  assert rows[0].split(",")[-2:] == ["presence", "status"]
-  assert rows[2].startswith("scan,PC,,,,") and rows[2].endswith(",0.1,absent")
+  assert rows[0].split(",")[-3:] == ["presence", "status", "seconds"]
+  assert rows[2].startswith("scan,PC,,,,") and rows[2].endswith(",0.1,absent,0.1")  # presence 0.1, 0.1 s
   std_x = float(rows[1].split(",")[5])
   assert std_x == pytest.approx(0.2)  # calibrated: 0.1 x 2.0
   assert predict.warnings([record]) == ["warning: scan: uncertain: GENU; absent: PC"]
