@@ -97,3 +97,17 @@ def test_mr_percentile_scaling():
 def test_bad_arguments(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_the_affine_path_of_resample_equals_the_general_one_on_an_oblique_flipped_grid():
+  rng = np.random.default_rng(4)
+  data = rng.normal(size=(23, 17, 29)).astype(np.float32)
+  source = helpers.oblique_affine(angles_deg=(20, -35, 10), spacing=(-1.1, 0.8, 2.3), origin=(5.0, -7.0, 3.0))
+  target = helpers.oblique_affine(angles_deg=(-5, 12, 70), spacing=(1.3, -1.3, 1.3), origin=(0.0, 0.0, 0.0))
+  center_mm = geometry.vox_to_mm((np.array(data.shape) - 1) / 2, source) + 8.0  # off-centre: a partial overlap
+  target[:3, 3] = center_mm - target[:3, :3] @ ((np.array([14, 16, 12]) - 1) / 2)
+  fast = preprocess.resample(data, source, target_affine=target, target_shape=(14, 16, 12), fill=-1.0)
+  general = preprocess.resample(data, source, target_affine=target, target_shape=(14, 16, 12), fill=-1.0,
+                                world_map=lambda p: p)
+  assert np.sum(fast == -1.0) > 10 and np.sum(fast != -1.0) > 100  # the grids overlap, partly
+  np.testing.assert_allclose(fast, general, atol=helpers.f32_atol(np.abs(data).max()))
