@@ -17,7 +17,8 @@ Variants (the sizes; every other Table-1 config derives from these):
   "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6, exported with
                   python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 \\
                       --out=pretrained/afids6
-  "afids6_real"   "afids6" fine-tuned 20 epochs from pretrained/afids6 with the real-scan variation and the
+  "afids6_real"   "afids6" fine-tuned 20 epochs (flat loss weights, cosine learning rate) from pretrained/afids6
+                  with the real-scan variation and the
                   presence output (use_real_scan_variation): the candidate to replace it, being tuned
                   (docs/results.md, "Real-scan stress sets")
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
@@ -54,6 +55,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.schedule = "flat"
     config.train.num_epochs = 20
     config.train.learning_rate = 5e-4
+    config.train.lr_schedule = "cosine"
   if variant == "synthetic_demo":
     config.data.source = "synthetic"
     config.data.num_landmarks = 2

@@ -64,7 +64,8 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
     batch = loader.collate([example])
     state = jax.eval_shape(lambda: steps.create_train_state(  # the structure only: nothing is computed
         model, key=jax.random.key(0), volumes=batch["volumes"], affines=batch["affines"],
-        learning_rate=config.train.learning_rate))
+        learning_rate=steps.learning_rate(config.train.learning_rate,
+                                          schedule=config.train.get("lr_schedule", "constant"))))
     restored = checkpoints.restore_best(state) if which == "best" else checkpoints.restore_latest(state)
     path = checkpoints.best_path() if which == "best" else checkpoints.latest_path()
   return Trained(model, restored.state.params, names, path, meta)

@@ -156,7 +156,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     root = jax.random.key(config.seed)
     example = loader.collate(data.val[:1])
     state = steps.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
-                                        affines=example["affines"], learning_rate=config.train.learning_rate)
+                                        affines=example["affines"], learning_rate=steps.learning_rate(
+                                            config.train.learning_rate, schedule=config.train.lr_schedule,
+                                            total_steps=config.train.num_epochs * (
+                                                len(data.train) // config.train.batch_size)))
     if saved is None and config.train.init_from:
       params, fresh = checkpoints_lib.warm_start(state.params, config.train.init_from, landmarks=data.names)
       state = state.replace(params=params)

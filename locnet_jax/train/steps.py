@@ -21,9 +21,24 @@ from locnet_jax.model import losses
 TrainState = train_state.TrainState
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(peak: float, *, schedule: str = "constant", total_steps: int = 1):
+  """Adam's learning rate: `peak` throughout ("constant", the paper's), or "cosine", from `peak` down to 0
+  over `total_steps` (fine-tuning: the constant rate kept a fine-tuned model's validation error swinging
+  between 1.6 and 2.5 mm, docs/design.md). Either keeps one optimiser-state structure per schedule."""
+  if schedule == "constant":
+    return peak
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(peak, decay_steps=max(int(total_steps), 1))
+  raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
 def create_train_state(model: nn.Module, *, key: jax.Array, volumes, affines,
-                       learning_rate: float) -> TrainState:
-  """Initialises `model` on example inputs (shapes only matter) with Optax Adam at `learning_rate`."""
+                       learning_rate) -> TrainState:
+  """Initialises `model` on example inputs (shapes only matter) with Optax Adam at `learning_rate` (a
+  float or an Optax schedule of the step: `learning_rate()` above)."""
   params = model.init(key, volumes, affines)["params"]
   return TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(learning_rate))
 

@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from locnet_jax.data import loader, synthetic
 from locnet_jax.model.locnet import MultiScaleLocNet
@@ -72,3 +73,12 @@ def test_loss_and_metrics_match_a_direct_computation():
 
 
 
+
+
+def test_the_cosine_learning_rate_falls_from_its_peak_to_zero_over_the_run():
+  rate = steps.learning_rate(4e-4, schedule="cosine", total_steps=100)
+  assert float(rate(0)) == pytest.approx(4e-4) and float(rate(50)) == pytest.approx(2e-4, rel=1e-5)
+  assert float(rate(100)) == pytest.approx(0.0, abs=1e-12) and float(rate(30)) > float(rate(60))
+  assert steps.learning_rate(4e-4) == 4e-4  # the paper's constant rate
+  with pytest.raises(ValueError, match="lr_schedule"):
+    steps.learning_rate(4e-4, schedule="step")
