@@ -5,8 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import optax
+import pytest
 
 from locnet_jax.model import losses
 from locnet_jax.model.locnet import MultiScaleLocNet
