@@ -54,9 +54,10 @@ def test_the_shipped_model_finds_the_afids_on_a_new_warped_brain(unseen_case, tm
   """predict.py with no --workdir uses the shipped model; errors near its model card's test mean (0.37 mm)."""
   card = json.loads((MODEL / "model.json").read_text())
   done = subprocess.run([sys.executable, "predict.py", f"--image={unseen_case.image}", f"--out={tmp_path / 'pred'}",
-                         "--num_noise_samples=10"], cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
+                         "--num_noise_samples=0"], cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   predicted = io.load_landmarks(tmp_path / "pred" / f"{unseen_case.id}.mrk.json", card["landmarks"])
   errors = np.linalg.norm(predicted - io.load_landmarks(unseen_case.landmarks, card["landmarks"]), axis=-1)
   assert errors.mean() < 1.5 and errors.max() < 4.0, errors
-  np.testing.assert_allclose(predicted, REFERENCE["mean_mm"], atol=1e-3)  # the same function from the shell
+  # the same function from the shell (its deterministic pass: predict.py keys a case's noise by its id)
+  np.testing.assert_allclose(predicted, np.asarray(REFERENCE["deterministic_mm"])[-1], atol=1e-3)
