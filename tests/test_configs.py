@@ -21,6 +21,12 @@ def test_configs_build_their_models():
   assert tuple(paper.data.spacings_mm) == (4.0, 2.0, 1.0, 0.5) and paper.data.finest_size == 448
   assert paper.model.patch_size == 56 and paper.train.learning_rate == 5e-4 and paper.train.num_epochs == 500
   assert paper.model.noise_mm == 5.0 and paper.train.batch_size == 1
+  tuned, scratch = multiscale.get_config("afids6_real_ft"), multiscale.get_config("afids6_real")
+  assert (tuned.train.init_from, tuned.train.schedule, tuned.train.lr_schedule) == ("pretrained/afids6", "flat", "cosine")
+  assert (scratch.train.init_from, scratch.train.schedule, scratch.train.lr_schedule) == ("", "paper", "constant")
+  assert tuned.train.augmentation == scratch.train.augmentation and tuned.model.presence and scratch.model.presence
+  for config in (tuned, scratch, paper):
+    from_config.validate(config)
 
 
 TABLE_1 = {"heatmap_unet": heatmap_unet, "single_scale": single_scale, "multistep": multistep,

@@ -26,8 +26,8 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def learning_rate(peak: float, *, schedule: str = "constant", total_steps: int = 1):
   """Adam's learning rate: `peak` throughout ("constant", the paper's), or "cosine", from `peak` down to 0
-  over `total_steps` (fine-tuning: the constant rate kept a fine-tuned model's validation error swinging
-  between 1.6 and 2.5 mm, docs/design.md). Either keeps one optimiser-state structure per schedule."""
+  over `total_steps` (fine-tuning, where a constant rate kept the validation error swinging: measured in
+  docs/results.md). Each schedule has its own optimiser-state structure."""
   if schedule == "constant":
     return peak
   if schedule == "cosine":
