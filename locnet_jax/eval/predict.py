@@ -175,13 +175,15 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
     raise from_config.ConfigError(f"num_noise_samples={num_samples!r}: an int >= 0")
   if not jobs:
     raise io.DataError(out, "no images given")
-  outputs.check_output_folder(out, inputs=[j.image for j in jobs], runs=[workdir])
+  images = [job.image for job in jobs]
+  outputs.check_output_folder(out, inputs=images, runs=[workdir])
   config = restore.saved_config(workdir)
   settings = from_config.preprocess_settings(config.data)
   samples = config.eval.num_noise_samples if num_samples is None else num_samples
   checks = qc.load(workdir)
-  todo = [job for job in jobs if overwrite or not job.done()]
-  result = CohortResult([], [job for job in jobs if job not in todo], [], None)
+  done_before = [not overwrite and job.done() for job in jobs]  # one look at the disk per job
+  todo = [job for job, done in zip(jobs, done_before) if not done]
+  result = CohortResult([], [job for job, done in zip(jobs, done_before) if done], [], None)
   predictor = None
   for n, job in enumerate(todo):
     start = time.perf_counter()
@@ -194,7 +196,7 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
       continue
     load_s = time.perf_counter() - start
     if predictor is None:
-      outputs.prepare_output_folder(out, inputs=[j.image for j in jobs], runs=[workdir])
+      outputs.prepare_output_folder(out, inputs=images, runs=[workdir])
       trained = restore.restore(config, workdir, example=example)
       predictor = Predictor(trained, num_samples=samples, chunk_size=config.eval.chunk_size)
       result.compile_s = predictor.compile(example)
