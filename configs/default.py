@@ -45,8 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "multiscale": independent U-Net calls the finer scales' patches are split into (speed only, same function):
   # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/model/locnet.py resolve_patch_groups)
   model.patch_groups = 0
-  # "multiscale": also predict, per landmark, whether it is in the image (a logit from the heatmaps' mass,
-  # locnet_jax/model/locnet.py Presence), trained on the field-of-view crops of train.augmentation
+  # "multiscale": also learn, per landmark, whether it is in the image (a logit from the heatmaps' mass,
+  # locnet_jax/model/locnet.py Presence), trained on the field-of-view crops of train.augmentation; measured
+  # to carry no signal (docs/results.md). Prediction reads presence from the image's field of view without it
+  # (locnet_jax/eval/qc.py); with it, the learnt probability multiplies in
   model.presence = False
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)

@@ -49,3 +49,23 @@ def lps_to_ras(points):
 
 
 ras_to_lps = lps_to_ras
+
+
+def depth_in_grid_mm(points_mm, affine, shape):
+  """How deep each point lies inside a voxel grid's field of view, (...) mm: positive inside, negative outside.
+
+  The field of view is the box the grid's voxels cover, from the outer face of voxel 0 to that of voxel
+  ``n - 1`` along each voxel axis (voxel centres at ``0 .. n - 1``, so half a voxel beyond them). Per axis
+  the depth is the distance (mm along that axis) to the nearer face; the result is the smallest of the three:
+  inside, the distance to the nearest face; outside, minus the largest overshoot along one axis (a lower
+  bound of the Euclidean distance outside, exact when one axis is crossed).
+
+  Args:
+    points_mm: (..., 3) RAS mm.
+    affine: (4, 4) voxel->RAS of the grid; shape: its (3,) voxel counts.
+  """
+  xp = _xp(points_mm, affine)
+  vox = mm_to_vox(points_mm, affine)
+  n = xp.asarray(shape, vox.dtype)
+  depth_vox = xp.minimum(vox + 0.5, n - 0.5 - vox)
+  return xp.min(depth_vox * voxel_spacing_mm(affine), axis=-1)

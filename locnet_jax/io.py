@@ -108,6 +108,27 @@ def load_volume(path) -> Volume:
   return Volume(data=data, affine=affine)
 
 
+def load_grid(path) -> tuple[np.ndarray, tuple[int, int, int]]:
+  """The voxel grid of a NIfTI image from its header alone (no voxel data read): (voxel->RAS affine (4, 4),
+  shape (3,)), the image's field of view; the same affine and shape `load_volume` gives, and DataError for
+  what it refuses in the header (not 3-D, a singular affine, an unreadable file)."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(path, "no such file")
+  try:
+    image = nib.load(str(path))
+  except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as e:
+    raise DataError(path, f"cannot read the image header ({type(e).__name__}: {e}); is it a NIfTI file?") from None
+  shape = tuple(int(n) for n in image.shape)
+  while len(shape) > 3 and shape[-1] == 1:
+    shape = shape[:-1]
+  if len(shape) != 3:
+    raise DataError(path, f"expected a 3-D image, got shape {shape}")
+  affine = np.asarray(image.affine, np.float64)
+  check_affine(affine, path)
+  return affine, shape
+
+
 def save_volume(path, data: np.ndarray, affine: np.ndarray) -> None:
   """Writes a NIfTI volume (gzip-compressed for `.nii.gz`) with `affine` as both sform and qform."""
   image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, np.float64))

@@ -48,6 +48,7 @@ def test_host_only_augmentation_cannot_run_on_the_device():
     loop._check_config(config, num_scales=3)
   config = multiscale.get_config("afids6_real")
   config.model.kind = "single_scale"
+  config.model.presence = True
   config.train.noise = False
   with pytest.raises(from_config.ConfigError, match="presence=True needs model.kind='multiscale'"):
     loop._check_config(config, num_scales=3)

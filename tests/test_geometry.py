@@ -52,3 +52,23 @@ def test_lps_ras_negates_x_and_y_and_is_its_own_inverse():
   p = np.array([[10.0, -20.0, 30.0]])
   np.testing.assert_array_equal(geometry.lps_to_ras(p), [[-10.0, 20.0, 30.0]])
   np.testing.assert_array_equal(geometry.ras_to_lps(geometry.lps_to_ras(p)), p)
+
+
+@pytest.mark.parametrize("name", AFFINES)
+def test_depth_in_grid_is_the_distance_to_the_nearest_face_of_the_voxels_box(name):
+  """Voxel centres at 0 .. n-1, faces half a voxel beyond: depth = min over axes of the distance (mm along
+  that axis) to the nearer face, negative outside; NumPy and JAX agree, on any affine."""
+  affine, shape = AFFINES[name], (7, 10, 13)
+  spacing = geometry.voxel_spacing_mm(affine)
+  points_vox = np.array([[3.0, 4.5, 6.0],  # the centre: deepest along x (3.5 voxels to a face)
+                         [0.0, 5.0, 6.0],  # the first voxel along x: half a voxel deep
+                         [-0.5, 5.0, 6.0],  # on the face
+                         [3.0, 11.5, 6.0],  # two voxels beyond the last along y
+                         [3.0, 4.5, -3.5]])  # three voxels before the first along z
+  expected = [min(3.5 * spacing[0], 5.0 * spacing[1], 6.5 * spacing[2]), 0.5 * spacing[0], 0.0,
+              -2.0 * spacing[1], -3.0 * spacing[2]]
+  points_mm = geometry.vox_to_mm(points_vox, affine)
+  np.testing.assert_allclose(geometry.depth_in_grid_mm(points_mm, affine, shape), expected, atol=1e-9)
+  on_device = jax.jit(geometry.depth_in_grid_mm, static_argnums=2)(
+      jnp.asarray(points_mm, jnp.float32), jnp.asarray(affine, jnp.float32), shape)
+  np.testing.assert_allclose(on_device, expected, atol=2e-3)

@@ -58,6 +58,20 @@ def test_load_volume_applies_scaling_for_every_stored_dtype(tmp_path, dtype, slo
   np.testing.assert_allclose(volume.data, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("orientation", AFFINES)
+def test_load_grid_reads_the_same_affine_and_shape_as_the_volume_without_its_voxels(tmp_path, orientation):
+  data = np.random.default_rng(0).normal(size=(6, 7, 8, 1)).astype(np.float32)  # trailing axis dropped too
+  path = _save(tmp_path / "x.nii.gz", data, AFFINES[orientation])
+  affine, shape = io.load_grid(path)
+  volume = io.load_volume(path)
+  np.testing.assert_array_equal(affine, volume.affine)
+  assert shape == volume.data.shape == (6, 7, 8)
+  with pytest.raises(io.DataError, match="expected a 3-D image"):
+    io.load_grid(_save(tmp_path / "4d.nii.gz", data.repeat(2, axis=-1), AFFINES[orientation]))  # (6, 7, 8, 2)
+  with pytest.raises(io.DataError, match="no such file"):
+    io.load_grid(tmp_path / "nope.nii.gz")
+
+
 def test_trailing_singleton_axes_are_dropped(tmp_path):
   data = np.random.default_rng(1).normal(size=(4, 5, 6, 1)).astype(np.float32)
   assert io.load_volume(_save(tmp_path / "x.nii.gz", data, np.eye(4))).data.shape == (4, 5, 6)
@@ -204,6 +218,8 @@ def test_a_case_may_list_landmarks_outside_its_image_and_its_example_says_so(tmp
   first, second = (loader.load_example(c, manifest.landmarks, settings, tmp_path / "cache") for c in manifest.cases)
   np.testing.assert_array_equal(first.presence(), [1.0, 0.0])
   assert np.all(np.isnan(second.presence()))  # nothing annotated: nothing known
+  np.testing.assert_array_equal(first.grid[0], np.eye(4))  # the image's own field of view, for presence
+  assert first.grid[1] == (20, 20, 20)
 
 
 # ---------------------------------------------------------------- bad input: one table

@@ -14,7 +14,8 @@ off the case key's old stream) only when on, so the draws of the settings withou
 Frames: volumes (B, X, Y, Z) voxel-indexed, affines voxel -> RAS mm, landmarks RAS mm; the moved image
 at world point p is the old one at inv(T)(p + d(p)), on the same grid (affines unchanged), and a landmark
 l moves to the p where inv(T)(p + d(p)) = l (T(l) without d), present if inside the finest grid's box and
-the field of view.
+the field of view; off the grid its target is NaN, cut away by the field of view it keeps its position (as
+on the host: the model learns where a landmark lies beyond the image's edge).
 """
 
 from __future__ import annotations
@@ -148,8 +149,8 @@ def _apply_contrast(volume: jax.Array, affine: jax.Array, draws: dict) -> jax.Ar
 
 def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, settings: AugmentSettings):
   """One case: volumes S x (X, Y, Z), affines S x (4, 4), target_mm (K, 3) RAS mm -> (moved volumes,
-  moved target_mm (K, 3) (NaN where not present), present (K,): 1 inside the finest grid's box and the
-  field of view, 0 annotated but outside, NaN unannotated (a NaN row))."""
+  moved target_mm (K, 3) (NaN off the finest grid's box), present (K,): 1 inside the finest grid's box and
+  the field of view, 0 annotated but outside, NaN unannotated (a NaN row))."""
   if settings.elastic_mm > 0:
     raise ValueError("device augmentation has no elastic part: use elastic_mm=0 (deform_mm instead) or the host "
                      "loader")
@@ -187,18 +188,18 @@ def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, setting
     moved_target = geometry.apply_affine(transform, target_mm)
   else:
     moved_target = variation_device.move_points(target_mm, transform=transform, field=field)
-  seen = variation_device.inside(moved_target, lower, upper)
-  if fov is not None:
-    seen &= variation_device.inside(moved_target, *fov)
+  on_grid = variation_device.inside(moved_target, lower, upper)
+  seen = on_grid if fov is None else on_grid & variation_device.inside(moved_target, *fov)
   present = jnp.where(jnp.all(jnp.isfinite(moved_target), axis=-1), seen.astype(jnp.float32), jnp.nan)
-  return moved, jnp.where((present == 1)[:, None], moved_target, jnp.nan), present
+  return moved, jnp.where(on_grid[:, None], moved_target, jnp.nan), present
 
 
 def augment_batch(batch: dict, key: jax.Array, *, settings: AugmentSettings) -> dict:
   """A collated batch (volumes S x (B, X, Y, Z), affines S x (B, 4, 4), target_mm (B, K, 3), optionally
   present (B, K)) with every case augmented by its own key (``fold_in(key, b)``); affines unchanged.
   Sets present (B, K) float32: the case's own (`augment_case`) where the incoming one (if any) is 1, else the
-  incoming one (0 stays 0, NaN stays NaN); target_mm is NaN where present is not 1."""
+  incoming one (0 stays 0, NaN stays NaN); target_mm is NaN where the incoming presence is not 1 (a data
+  set's absent landmark has no known position) or the case's moved landmark is off the grid."""
   size = batch["target_mm"].shape[0]
   keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(size))
   volumes, target, present = jax.vmap(lambda v, a, t, k: augment_case(v, a, t, k, settings))(
@@ -206,5 +207,5 @@ def augment_batch(batch: dict, key: jax.Array, *, settings: AugmentSettings) -> 
   if batch.get("present") is not None:
     incoming = jnp.asarray(batch["present"], jnp.float32)
     present = jnp.where(incoming == 1, present, incoming)
-    target = jnp.where((present == 1)[..., None], target, jnp.nan)
+    target = jnp.where((incoming == 1)[..., None], target, jnp.nan)
   return {**batch, "volumes": volumes, "target_mm": target, "present": present}

@@ -7,7 +7,9 @@ at world point p is the old one at inv(T)(p + d(p)), on the same grid (same affi
 move to where that map sends them. Then the contrast changes (`variation`: a random intensity lookup
 table, a bias field, blur, thick slices), then gamma, scale, shift and noise, drawn once per case and
 applied to every level alike (the noise per level); last, an optional random field of view zeroes the
-image outside a box, and the landmarks outside it (or outside the grid) are marked absent.
+image outside a box, and the landmarks outside it (or outside the grid) are marked absent. A landmark cut
+away by the field of view but still on the grid keeps its position as a target: the model learns where
+it lies beyond the image's edge, which is how presence is read at prediction time (`eval/qc.py`).
 The caller seeds the RNG with ``(seed, epoch, case_index)``, so a resumed run replays exactly.
 """
 
@@ -68,9 +70,9 @@ def host_only_fields(settings: AugmentSettings) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Augmented:
-  """An augmented case: the pyramid, landmarks (K, 3) RAS mm (NaN if missing or absent), presence (K,)
-  (1 in the image, 0 absent: cut away by the field of view or moved off the grid, NaN unannotated), and
-  the world transform (4, 4) applied."""
+  """An augmented case: the pyramid, landmarks (K, 3) RAS mm (NaN if missing or moved off the grid; a
+  landmark cut away by the field of view keeps its position), presence (K,) (1 in the image, 0 absent:
+  cut away by the field of view or moved off the grid, NaN unannotated), and the world transform (4, 4)."""
 
   pyramid: Pyramid
   target_mm: np.ndarray
@@ -140,7 +142,7 @@ def transform_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarr
 def augment(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
             settings: AugmentSettings) -> tuple[Pyramid, np.ndarray, np.ndarray]:
   """Returns (augmented pyramid, moved landmarks (K, 3) RAS mm, the world transform (4, 4)); see
-  `augment_case` (landmarks absent from the augmented image are NaN here)."""
+  `augment_case` (landmarks moved off the grid are NaN here)."""
   out = augment_case(pyramid, target_mm, rng, settings)
   return out.pyramid, out.target_mm, out.transform
 
@@ -210,9 +212,8 @@ def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generat
     volumes.append(moved.astype(np.float32))
   moved_target = move_points(target_mm, transform=transform, elastic=field)
   annotated = np.all(np.isfinite(moved_target), axis=-1)
-  inside = variation.FieldOfView(*box).contains(moved_target)
-  if fov is not None:
-    inside &= fov.contains(moved_target)
+  on_grid = variation.FieldOfView(*box).contains(moved_target)
+  inside = on_grid if fov is None else on_grid & fov.contains(moved_target)
   present = np.where(annotated, inside.astype(np.float64), np.nan)
-  moved_target = np.where((present == 1)[:, None], moved_target, np.nan)
+  moved_target = np.where(on_grid[:, None], moved_target, np.nan)
   return Augmented(Pyramid(tuple(volumes), pyramid.affines), moved_target, present, transform)

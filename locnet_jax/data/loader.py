@@ -42,12 +42,15 @@ class PreprocessSettings:
 class Example:
   """One case ready for the model: its pyramid, landmarks (K, 3) RAS mm (NaN rows if missing or absent)
   and presence (K,): 1 in the image, 0 absent (cut away), NaN unknown; None: every annotated landmark
-  is in the image (what a data set on disk says)."""
+  is in the image (what a data set on disk says). `grid`: the original image's voxel grid (voxel->RAS
+  affine (4, 4), shape (3,)), i.e. its field of view, which prediction reads presence against
+  (`eval/qc.py`); None where there is no such image (synthetic and augmented cases)."""
 
   case_id: str
   pyramid: preprocess.Pyramid
   target_mm: np.ndarray
   present: np.ndarray | None = None
+  grid: tuple[np.ndarray, tuple[int, int, int]] | None = None
 
   def presence(self) -> np.ndarray:
     """(K,) float: `present`, or 1 for each annotated landmark and NaN for the others."""
@@ -137,7 +140,7 @@ def load_example(case: dataset.Case, names: Sequence[str], settings: PreprocessS
       raise io.DataError(case.landmarks, f"case {case.id!r} lists as absent landmarks its file places: "
                          f"{[n for n, a, p in zip(names, absent, placed) if a and p]}")
     present = np.where(absent, 0.0, np.where(placed, 1.0, np.nan))
-  return Example(case.id, load_pyramid(case.image, settings, cache_dir), target, present)
+  return Example(case.id, load_pyramid(case.image, settings, cache_dir), target, present, io.load_grid(case.image))
 
 
 def _prepare(case: dataset.Case, names: Sequence[str], settings: PreprocessSettings, cache_dir: Path) -> None:

@@ -46,7 +46,8 @@ class Predictor:
 
   def __call__(self, example: loader.Example, key: jax.Array) -> dict:
     """{"case_id", "names" (K,) the model's landmarks, "pred_mm" (S, K, 3), "mean_mm"/"std_mm" (K, 3) or None,
-    "presence" (K,) probability or None (a model without a presence output), "seconds"}."""
+    "presence" (K,) probability that each landmark is in the image (`qc.presence`: against `example.grid`,
+    and the model's presence output if it has one) or None (neither known), "seconds"}."""
     args = self._args(example, key)
     start = time.perf_counter()
     try:
@@ -60,9 +61,10 @@ class Predictor:
       mean, std = np.asarray(result["pred_mm"][0, -1]), np.asarray(result["std_mm"][0])
     else:
       pred, mean, std = np.asarray(result["pred_mm"][0]), None, None
-    presence = None
+    learnt = None
     if "presence_logit" in result:
-      presence = 1.0 / (1.0 + np.exp(-np.asarray(result["presence_logit"][0], np.float64)))
+      learnt = 1.0 / (1.0 + np.exp(-np.asarray(result["presence_logit"][0], np.float64)))
+    presence = qc.presence(pred, example.grid, learnt)
     return {"case_id": example.case_id, "names": self.trained.names, "pred_mm": pred, "mean_mm": mean, "std_mm": std,
             "presence": presence, "seconds": time.perf_counter() - start}
 
@@ -188,7 +190,8 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
   for n, job in enumerate(todo):
     start = time.perf_counter()
     try:
-      example = loader.Example(job.case_id, loader.compute_pyramid(job.image, settings), np.zeros((0, 3)))
+      example = loader.Example(job.case_id, loader.compute_pyramid(job.image, settings), np.zeros((0, 3)),
+                               grid=io.load_grid(job.image))
     except io.DataError as error:
       result.failed.append((Path(error.path), error.problem))
       if on_case is not None:

@@ -1,5 +1,13 @@
-"""Quality control per predicted landmark: `ok`, `uncertain` or `absent`, from the model's presence output
-and its calibrated test-time uncertainty, with thresholds fitted on held-out data and stored with the model.
+"""Quality control per predicted landmark: `ok`, `uncertain` or `absent`, from its presence in the image and
+the model's calibrated test-time uncertainty, with thresholds fitted on held-out data and stored with the model.
+
+Presence is read against the image's own field of view (`presence`): the probability that a landmark is
+in the image is ``sigmoid(depth_mm / PRESENCE_SOFTNESS_MM)``, where ``depth_mm`` is how deep scale
+`PRESENCE_SCALE`'s prediction lies inside the image's voxel grid (`geometry.depth_in_grid_mm`: negative
+outside), times the model's learnt presence output where it has one. Why: a model trained on field-of-view
+crops learns where a cut-away landmark lies beyond the image's edge (the augmentation keeps its position
+as a target), so a prediction outside the grid says the landmark is not in the image. The learnt output
+from the heatmaps' mass (`model.locnet.Presence`) was measured to carry no signal (docs/results.md).
 
 - absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates);
 - uncertain: presence below `uncertain_below`, or the largest semi-axis of the calibrated 90 % confidence
@@ -19,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locnet_jax import geometry
 from locnet_jax.eval import metrics
 
 STATUSES = ("ok", "uncertain", "absent")
@@ -26,12 +35,25 @@ GOOD_MM = 1.5  # a held-out prediction closer than this is "right" when fitting 
 RADIUS_QUANTILE = 0.98
 ABSENT_BELOW = 0.5
 UNCERTAIN_BELOW = 0.9
+PRESENCE_SCALE = 0  # whose prediction is checked against the field of view: the coarsest sees the whole grid
+PRESENCE_SOFTNESS_MM = 1.0  # presence 0.5 on the image's edge, 0.9 at 2.2 mm inside, 0.1 at 2.2 mm outside
 QC_FILE = "qc.json"  # in a training workdir, written by evaluation when it fits the thresholds
 
 
 def radius_mm(std_mm: np.ndarray, scale: float = 1.0) -> np.ndarray:
   """(..., 3) per-axis std -> (...) largest semi-axis (mm) of the 90 % ellipsoid of std x `scale`."""
   return scale * np.max(std_mm, axis=-1) * np.sqrt(metrics.CHI2_3)
+
+
+def presence(pred_mm: np.ndarray, grid, learnt: np.ndarray | None = None) -> np.ndarray | None:
+  """(K,) probability that each landmark is in the image (module docstring): scale `PRESENCE_SCALE`'s
+  prediction of `pred_mm` (S, K, 3) RAS mm against `grid` (the image's voxel->RAS affine, shape; None:
+  unknown, then only `learnt`), times `learnt` (K,) where given; None when neither is known."""
+  if grid is None:
+    return learnt
+  depth = geometry.depth_in_grid_mm(np.asarray(pred_mm, np.float64)[PRESENCE_SCALE], *grid)
+  inside = 1.0 / (1.0 + np.exp(-np.clip(depth / PRESENCE_SOFTNESS_MM, -50.0, 50.0)))
+  return inside if learnt is None else inside * np.asarray(learnt, np.float64)
 
 
 def fit(predictions: list[dict], truth_mm: np.ndarray, *, model_index, calibration_scale: float | None,

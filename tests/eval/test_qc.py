@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from locnet_jax import io
+from locnet_jax import geometry, io
 from locnet_jax.data import loader
 from locnet_jax.eval import metrics, predict, qc, scoring
+from tests import helpers
 
 NAMES = ("AC", "PC", "GENU")
 CHECKS = {"absent_below": 0.5, "uncertain_below": 0.9, "calibration_scale": 2.0, "max_radius_mm": 3.0}
@@ -103,3 +104,24 @@ def test_the_calibration_carried_by_qc_thresholds():
   fitted = {**CHECKS, "fitted_on": {"split": "afids/val", "cases": 8}}
   assert qc.calibration(fitted) == {"split": "afids/val", "cases": 8, "scale": 2.0}
   assert qc.calibration(None) is None and qc.calibration({**fitted, "calibration_scale": None}) is None
+
+
+def test_presence_reads_the_coarse_prediction_against_the_images_field_of_view():
+  """A landmark predicted outside the image's voxel grid is absent, one near its edge uncertain, one deep
+  inside ok; the learnt presence, where a model has one, multiplies in; without a grid only it counts."""
+  affine = helpers.oblique_affine((10, -20, 30), (1.5, -1.0, 2.0), (5.0, -8.0, 12.0))  # oblique, flipped
+  shape = (40, 60, 20)  # 60 x 60 x 40 mm
+  spacing = geometry.voxel_spacing_mm(affine)
+  coarse_vox = np.array([[19.5, 29.5, 9.5],  # the centre, 20 mm deep
+                         [19.5, 29.5, 20.5],  # 1 voxel (2 mm) beyond the last slice along z: cut away
+                         [19.5, 29.5, 18.5]])  # half a voxel (1 mm) deep: on the edge
+  coarse_mm = geometry.vox_to_mm(coarse_vox, affine)
+  pred_mm = np.stack([coarse_mm, coarse_mm + 30.0])  # (S=2, K=3, 3); the finest scale is not the one read
+  p = qc.presence(pred_mm, (affine, shape))
+  depth = np.array([min(20.0 * spacing[0], 30.0 * spacing[1], 10.0 * spacing[2]), -1.0 * spacing[2], 1.0 * spacing[2]])
+  np.testing.assert_allclose(p, 1 / (1 + np.exp(-depth / qc.PRESENCE_SOFTNESS_MM)), rtol=1e-9)
+  record = {**_record("c", pred_mm[-1], None, p), "pred_mm": pred_mm}
+  assert qc.annotate(record, CHECKS)["status"] == ["ok", "absent", "uncertain"]
+  np.testing.assert_allclose(qc.presence(pred_mm, (affine, shape), np.array([0.5, 1.0, 1.0])), p * [0.5, 1, 1])
+  assert qc.presence(pred_mm, None) is None
+  np.testing.assert_array_equal(qc.presence(pred_mm, None, np.array([0.2, 0.9, 1.0])), [0.2, 0.9, 1.0])
