@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from locnet_jax import dataset, from_config  # noqa: E402
+from locnet_jax import dataset, from_config, geometry  # noqa: E402
 from locnet_jax.eval import metrics, predict, qc, restore, scoring  # noqa: E402
 
 
@@ -60,19 +60,39 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
       for example, case, record in zip(examples, results["per_case"], records):
         errors = np.array([np.nan if e is None else e for e in case["error_mm"]])
         presence = record["presence"][mi] if record.get("presence") is not None else np.full(len(mi), np.nan)
-        pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di], presence))
+        depth = (np.full((len(record["pred_mm"]), len(mi)), np.nan) if example.grid is None else  # (S, L) mm
+                 geometry.depth_in_grid_mm(np.asarray(record["pred_mm"])[:, mi], *example.grid))
+        pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di], presence,
+                       depth.T))
     log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "
         f"{results['overall']['count']} points ({results['wall_s']} s)")
   if pooled:
-    errors, status, present, presence = (np.concatenate(parts) for parts in zip(*pooled))
+    errors, status, present, presence, depth = (np.concatenate(parts) for parts in zip(*pooled))
     out["all stress sets"] = {"overall": metrics.summarize_errors(errors[np.isfinite(errors)]),
                               "qc": qc.summarize(errors, status, present)}
     if np.isfinite(presence).any():  # how well presence separates: quantiles per truth
-      quantiles = lambda v: [round(float(q), 3) for q in np.quantile(v, [0.1, 0.5, 0.9])] if len(v) else None  # noqa: E731
-      out["all stress sets"]["presence_p10_p50_p90"] = {"absent": quantiles(presence[present == 0]),
-                                                        "present": quantiles(presence[present == 1])}
+      out["all stress sets"]["presence_p10_p50_p90"] = {"absent": _quantiles(presence[present == 0]),
+                                                        "present": _quantiles(presence[present == 1])}
       log(f"{folder.name} presence p10/p50/p90: {out['all stress sets']['presence_p10_p50_p90']}")
+    # which scale's point to read against the field of view (qc.PRESENCE_SCALE): outside the grid = absent
+    by_scale = {f"scale{s}": {"absent_recall": _share(depth[:, s] < 0, present == 0),
+                              "false_absent_rate": _share(depth[:, s] < 0, present == 1),
+                              "depth_p10_p50_p90_absent": _quantiles(depth[present == 0, s]),
+                              "depth_p10_p50_p90_present": _quantiles(depth[present == 1, s])}
+                for s in range(depth.shape[1])}
+    out["all stress sets"]["outside_grid_by_scale"] = by_scale
+    for name, figures in by_scale.items():
+      log(f"{folder.name} {name} outside the grid: {figures}")
   return out
+
+
+def _share(hit: np.ndarray, of: np.ndarray) -> float | None:
+  return round(float(np.mean(hit[of])), 4) if np.any(of) else None
+
+
+def _quantiles(values) -> list | None:
+  values = np.asarray(values)[np.isfinite(values)]
+  return [round(float(q), 3) for q in np.quantile(values, [0.1, 0.5, 0.9])] if len(values) else None
 
 
 def _pct(value) -> str:
