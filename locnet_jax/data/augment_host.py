@@ -139,6 +139,27 @@ def transform_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarr
                                         order=1, mode="constant", cval=0.0, prefilter=False)
 
 
+def warp_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, field: variation.DisplacementField,
+                *, slab: int = 32) -> np.ndarray:
+  """The image under the warp of `source_points(transform, field)`, on its own grid (0 outside the old
+  image): `preprocess.resample` with that world map, the field evaluated separably (`on_grid`), in slabs
+  of the first axis (memory bounded at 448^3)."""
+  volume = np.asarray(volume, np.float32)
+  to_source = np.linalg.inv(affine) @ np.linalg.inv(transform)  # world mm -> old voxel
+  vox_map = to_source @ affine  # new voxel -> old voxel, before the field
+  x, y, z = (np.arange(n, dtype=np.float64) for n in volume.shape)
+  out = np.empty(volume.shape, np.float32)
+  for x0 in range(0, volume.shape[0], slab):
+    rows = slice(x0, min(x0 + slab, volume.shape[0]))
+    displacement = field.on_grid(affine, volume.shape, rows)  # (x', Y, Z, 3) mm
+    source = displacement @ to_source[:3, :3].T  # (x', Y, Z, 3) old voxels
+    source += (x[rows, None, None, None] * vox_map[:3, 0] + y[None, :, None, None] * vox_map[:3, 1]
+               + z[None, None, :, None] * vox_map[:3, 2] + vox_map[:3, 3])
+    out[rows] = scipy.ndimage.map_coordinates(volume, np.moveaxis(source, -1, 0), order=1, mode="constant",
+                                              cval=0.0, prefilter=False)
+  return out
+
+
 def augment(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
             settings: AugmentSettings) -> tuple[Pyramid, np.ndarray, np.ndarray]:
   """Returns (augmented pyramid, moved landmarks (K, 3) RAS mm, the world transform (4, 4)); see
@@ -165,8 +186,7 @@ def _apply_contrast(volume: np.ndarray, affine: np.ndarray, draws: dict) -> np.n
   if draws["lut"] is not None:
     volume = variation.apply_lut(volume, draws["lut"])
   if draws["bias"] is not None:
-    log_bias = draws["bias"](variation.voxel_centres_mm(affine, volume.shape)).reshape(volume.shape)
-    volume = volume * np.exp(log_bias)
+    volume = volume * np.exp(draws["bias"].on_grid(affine, volume.shape)[..., 0])
   volume = variation.blur(volume, affine, draws["blur_mm"])
   if draws["thick"] is not None:
     volume = variation.thick_slices(volume, affine, axis=draws["thick"][0], thickness_mm=draws["thick"][1])
@@ -200,6 +220,8 @@ def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generat
   for volume, affine in zip(pyramid.volumes, pyramid.affines):
     if field is None:
       moved = transform_volume(volume, affine, transform)
+    elif isinstance(field, variation.DisplacementField):
+      moved = warp_volume(volume, affine, transform, field)
     else:
       moved = preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
                                   world_map=source_points(transform, field))

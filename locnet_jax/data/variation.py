@@ -45,9 +45,36 @@ class DisplacementField:
   values_mm: np.ndarray  # (3, NX, NY, NZ)
 
   def __call__(self, points_mm: np.ndarray) -> np.ndarray:
-    """(N, 3) RAS mm -> (N, 3) displacement mm."""
+    """(N, 3) RAS mm -> (N, C) values (C = 3 for a displacement, mm)."""
     grid = ((np.asarray(points_mm, np.float64) - self.lower_mm) / self.spacing_mm).T
     return np.stack([scipy.ndimage.map_coordinates(v, grid, order=1, mode="nearest") for v in self.values_mm], -1)
+
+  def on_grid(self, affine: np.ndarray, shape, rows: slice = slice(None)) -> np.ndarray:
+    """The field at the voxel centres of a grid (voxel->RAS `affine`, `shape`), (X', Y, Z, C) for the first
+    axis' `rows`: the values `self` gives at `voxel_centres_mm`. Why a method: on a grid whose voxel axes are
+    the world's (a diagonal affine, as every pyramid level's) trilinear interpolation is separable, three
+    small matrix products instead of an interpolation per voxel (the warp's main cost on the host); other
+    grids go through `__call__`."""
+    affine = np.asarray(affine, np.float64)
+    axes = [np.arange(shape[0])[rows], np.arange(shape[1]), np.arange(shape[2])]
+    if np.count_nonzero(affine[:3, :3] - np.diag(np.diag(affine[:3, :3]))) == 0:
+      weights = [_linear_weights((affine[a, a] * axes[a] + affine[a, 3] - self.lower_mm[a]) / self.spacing_mm[a],
+                                 self.values_mm.shape[a + 1]) for a in range(3)]
+      return np.einsum("cijk,xi,yj,zk->xyzc", self.values_mm, *weights, optimize=True)
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    return self(geometry.vox_to_mm(grid.reshape(-1, 3).astype(np.float64), affine)).reshape(*grid.shape[:3], -1)
+
+
+def _linear_weights(coords: np.ndarray, count: int) -> np.ndarray:
+  """(L,) positions in node units -> (L, count) linear interpolation weights, clamped to the first and last
+  node (SciPy's mode="nearest")."""
+  c = np.clip(np.asarray(coords, np.float64), 0.0, count - 1)
+  lower = np.minimum(np.floor(c).astype(int), count - 2)
+  frac = c - lower
+  weights = np.zeros((len(c), count))
+  weights[np.arange(len(c)), lower] = 1.0 - frac
+  weights[np.arange(len(c)), lower + 1] += frac
+  return weights
 
 
 def random_displacement(rng: np.random.Generator, *, lower_mm, upper_mm, spacing_mm: float,
@@ -82,12 +109,12 @@ def apply_lut(volume: np.ndarray, lut: np.ndarray) -> np.ndarray:
   return np.interp(np.clip(volume, 0.0, 1.0), np.linspace(0.0, 1.0, len(lut)), lut).astype(np.float32)
 
 
-def smooth_log_field(rng: np.random.Generator, *, lower_mm, upper_mm, max_log: float, nodes: int = 4):
-  """A smooth random scalar field on a box (`nodes`^3 nodes, trilinear): a bias field's logarithm."""
+def smooth_log_field(rng: np.random.Generator, *, lower_mm, upper_mm, max_log: float,
+                     nodes: int = 4) -> DisplacementField:
+  """A smooth random scalar field on a box (`nodes`^3 nodes, trilinear, one channel): a bias field's logarithm."""
   lower, upper = np.asarray(lower_mm, np.float64), np.asarray(upper_mm, np.float64)
   values = rng.uniform(-max_log, max_log, (1, nodes, nodes, nodes))
-  field = DisplacementField(lower, (upper - lower) / (nodes - 1), values)
-  return lambda points_mm: field(points_mm)[:, 0]
+  return DisplacementField(lower, (upper - lower) / (nodes - 1), values)
 
 
 def voxel_centres_mm(affine: np.ndarray, shape) -> np.ndarray:

@@ -135,3 +135,32 @@ def test_an_example_says_which_landmarks_are_in_its_image(present):
   example = loader.Example("c", _texture_pyramid(), target, present)
   expected = [1.0, np.nan] if present is None else [1.0, 0.0]
   np.testing.assert_array_equal(example.presence(), expected)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_a_field_on_a_grid_is_the_field_at_its_voxel_centres(oblique):
+  """The separable evaluation (world-aligned grids) and the general one give `field(voxel_centres_mm)`,
+  beyond the nodes' box too (clamped to the edge nodes), for any block of rows."""
+  rng = np.random.default_rng(3)
+  field = variation.random_displacement(rng, lower_mm=[-20.0, -30.0, -10.0], upper_mm=[25.0, 20.0, 30.0],
+                                        spacing_mm=12.0, max_mm=2.0)
+  affine = (helpers.oblique_affine((20, -15, 30), (1.4, -1.6, 2.5), (-30.0, 25.0, -15.0), order="xyz") if oblique
+            else helpers.affine([1.4, 1.6, 2.5], [-30.0, 25.0, -15.0], np.eye(3), [1, -1, 1]))  # y flipped
+  shape = (40, 36, 22)  # reaches beyond the nodes' box on every side
+  expected = field(variation.voxel_centres_mm(affine, shape)).reshape(*shape, 3)
+  np.testing.assert_allclose(field.on_grid(affine, shape), expected, atol=1e-9)
+  np.testing.assert_allclose(field.on_grid(affine, shape, slice(7, 19)), expected[7:19], atol=1e-9)
+
+
+def test_the_fast_warp_equals_resampling_through_the_world_map():
+  pyramid = _texture_pyramid(8)
+  affine = helpers.affine([1.5, 1.5, 1.5], [-35.0, 36.0, -35.0], np.eye(3), [1, -1, 1])  # as a pyramid level's
+  volume = pyramid.volumes[0]
+  rng = np.random.default_rng(9)
+  field = variation.random_displacement(rng, lower_mm=[-40.0] * 3, upper_mm=[40.0] * 3, spacing_mm=20.0, max_mm=3.0)
+  transform = augment_host.random_transform(rng, augment_host.AugmentSettings(), np.zeros(3))
+  slow = preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
+                             world_map=augment_host.source_points(transform, field))
+  fast = augment_host.warp_volume(volume, affine, transform, field, slab=20)
+  assert (slow == 0).mean() > 0.01  # part of the grid was moved in from outside the image
+  np.testing.assert_allclose(fast, slow, atol=2e-6)
