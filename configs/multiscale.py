@@ -17,8 +17,9 @@ Variants (the sizes; every other Table-1 config derives from these):
   "afids6"        the demo's sizes for 50 epochs: the shipped model pretrained/afids6, exported with
                   python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 \\
                       --out=pretrained/afids6
-  "afids6_real"   "afids6" from scratch with the real-scan variation (use_real_scan_variation): a
-                  candidate to replace it, being tuned (docs/results.md, "Real-scan stress sets")
+  "afids6_real"   "afids6" from scratch with the real-scan variation (use_real_scan_variation; slabs
+                  from 20 mm, cosine learning rate): a candidate to replace it, being tuned
+                  (docs/results.md, "Real-scan stress sets")
   "afids6_real_ft" the same variation, fine-tuning pretrained/afids6 for 15 epochs (flat loss weights,
                   cosine learning rate): measured worse on another contrast (docs/results.md)
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
@@ -49,6 +50,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.num_epochs = 50
   if variant in ("afids6_real", "afids6_real_ft"):
     use_real_scan_variation(config)
+  if variant == "afids6_real":  # from scratch: the learning rate falls to 0 over the run (converges at the end);
+    config.train.lr_schedule = "cosine"  # slabs down to 20 mm (partial acquisitions as thin as 30 mm exist)
+    config.train.augmentation.fov_min_mm = 20.0
   if variant == "afids6_real_ft":  # fine-tuned from the plain model; run from the repository root
     config.train.init_from = "pretrained/afids6"
     config.train.schedule = "flat"

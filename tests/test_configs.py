@@ -23,8 +23,9 @@ def test_configs_build_their_models():
   assert paper.model.noise_mm == 5.0 and paper.train.batch_size == 1
   tuned, scratch = multiscale.get_config("afids6_real_ft"), multiscale.get_config("afids6_real")
   assert (tuned.train.init_from, tuned.train.schedule, tuned.train.lr_schedule) == ("pretrained/afids6", "flat", "cosine")
-  assert (scratch.train.init_from, scratch.train.schedule, scratch.train.lr_schedule) == ("", "paper", "constant")
-  assert tuned.train.augmentation == scratch.train.augmentation and tuned.train.augmentation.fov_probability > 0
+  assert (scratch.train.init_from, scratch.train.schedule, scratch.train.lr_schedule) == ("", "paper", "cosine")
+  assert tuned.train.augmentation.fov_probability == scratch.train.augmentation.fov_probability > 0
+  assert scratch.train.augmentation.fov_min_mm < tuned.train.augmentation.fov_min_mm
   assert not tuned.model.presence and not scratch.model.presence  # presence from the field of view (eval/qc.py)
   for config in (tuned, scratch, paper):
     from_config.validate(config)
