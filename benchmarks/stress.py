@@ -8,7 +8,8 @@ Each model predicts every case with its own preprocessing and QC thresholds (fro
 without them calls every point ok); the prediction is the mean of the noise samples. Per set: mean /
 median / p90 / max radial error of the landmarks in the image, the share of errors > 3 mm flagged
 (`uncertain` or `absent`) and of errors < 1.5 mm flagged, absent landmarks called absent (slab), present
-ones called absent (the false-absent rate), and the coverage of the calibrated 90 % ellipsoids. Writes
+ones called absent (the false-absent rate), and the coverage of the calibrated 90 % ellipsoids; then per
+landmark, next to the four AFIDs raters' own error on the test split (`landmark_table`). Writes
 <out>/stress_<model>.json with every figure.
 """
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from locnet_jax import dataset, from_config, geometry  # noqa: E402
+from locnet_jax.data import afids  # noqa: E402
 from locnet_jax.eval import metrics, predict, qc, restore, scoring  # noqa: E402
 
 
@@ -116,6 +118,40 @@ def table(all_results: dict) -> str:
   return "\n".join(lines)
 
 
+DISPUTED_MM = 2.0  # raters' mean error above this: a landmark whose definition the experts themselves read apart
+
+
+def landmark_table(model: str, sets: dict, raters: dict[str, np.ndarray]) -> str:
+  """Per landmark: the model's mean / median / p90 on the test split, its mean on each stress set, each
+  rater's mean error on the test split (own AFIDs against the consensus, moved like the cases) and their
+  mean; "below raters" when the model's test mean is under the raters' mean; "disputed" when the raters'
+  mean exceeds `DISPUTED_MM` (the experts disagree on where the landmark is)."""
+  names = list(sets["test"]["per_landmark"])
+  stress = [k for k in sets if k not in ("test", "all stress sets")]
+  head = (["landmark", "test mean", "median", "p90"] + [f"{k} mean" for k in stress] + list(raters)
+          + ["raters' mean", "below raters", "disputed"])
+  lines = [f"{model}: per landmark (mm)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  below = []
+  for j, name in enumerate(names):
+    t = sets["test"]["per_landmark"][name]
+    cells = [name] + ([f"{t[k]:.2f}" for k in ("mean_mm", "median_mm", "p90_mm")] if t.get("count") else ["–"] * 3)
+    for k in stress:
+      r = sets[k]["per_landmark"].get(name, {})
+      cells.append(f"{r['mean_mm']:.2f}" if r.get("count") else "–")
+    rater_means = [float(np.mean(e[:, j])) for e in raters.values()]
+    cells += [f"{m:.2f}" for m in rater_means]
+    if rater_means and t.get("count"):
+      mean = float(np.mean(rater_means))
+      below.append(t["mean_mm"] < mean)
+      cells += [f"{mean:.2f}", "yes" if below[-1] else "no", "yes" if mean > DISPUTED_MM else ""]
+    else:
+      cells += ["–", "–", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+  if below:
+    lines += ["", f"below the raters' mean on {sum(below)} of {len(below)} landmarks"]
+  return "\n".join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="pretrained/afids6", help="comma-separated exported model folders")
@@ -135,6 +171,13 @@ def main() -> None:
     path.write_text(json.dumps({k: {f: v for f, v in r.items() if f != "per_case"} for k, r in results.items()},
                                indent=1) + "\n")
   print(table(all_results))
+  try:  # the human floor per landmark (an affine-only build with the raters' files)
+    raters = afids.rater_errors(Path(args.afids), split="test")
+  except (FileNotFoundError, ValueError) as error:
+    raters = {}
+    print(f"\nraters' errors not available: {error}")
+  for model, results in all_results.items():
+    print("\n" + landmark_table(model, results, raters))
   print(f"\nqc: {metrics.CONFIDENCE:.0%} ellipsoids; status thresholds from each model.json")
 
 

@@ -46,15 +46,26 @@ def create_train_state(model: nn.Module, *, key: jax.Array, volumes, affines,
 def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Array,
                      noise_key: jax.Array | None,
                      presence_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted sum of per-scale mean squared errors (mm^2), with per-scale metrics; for a model with a
-  presence output, plus `presence_weight` x the presence cross-entropy (`losses.presence_loss`)."""
+  """Weighted sum of per-scale mean squared errors (mm^2) of the landmarks in the image, with per-scale
+  metrics; plus, where the batch has landmarks cut away by a field-of-view crop (``present`` 0 with a
+  position), the coarsest scale's `losses.cut_away_loss` (the finer scales' patches around such a point
+  hold no image to learn from); for a model with a presence output, plus `presence_weight` x the presence
+  cross-entropy (`losses.presence_loss`)."""
   out = apply_fn({"params": params}, batch["volumes"], batch["affines"], noise_key=noise_key)
-  per_scale = losses.per_scale_loss(out["pred_mm"], batch["target_mm"])
-  error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], batch["target_mm"][:, None]))  # (B, S, K)
-  count = jnp.maximum(jnp.sum(losses.landmark_mask(batch["target_mm"])), 1)
+  target, present = batch["target_mm"], batch.get("present")
+  cut = None
+  if present is not None:
+    cut = (present == 0) & losses.landmark_mask(target)
+    target = jnp.where(cut[..., None], jnp.nan, target)  # in the image only
+  per_scale = losses.per_scale_loss(out["pred_mm"], target)
+  error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], target[:, None]))  # (B, S, K)
+  count = jnp.maximum(jnp.sum(losses.landmark_mask(target)), 1)
   mean_error_mm = jnp.sum(error_mm, axis=(0, 2)) / count  # missing landmarks have error 0
   loss = losses.weighted_loss(per_scale, weights)
   metrics = {"per_scale_mse_mm2": per_scale, "per_scale_error_mm": mean_error_mm}
+  if cut is not None:
+    metrics["cut_away_loss_mm"] = losses.cut_away_loss(out["pred_mm"][:, 0], batch["target_mm"], cut)
+    loss = loss + metrics["cut_away_loss_mm"]
   if "presence_logit" in out:
     present = batch.get("present")
     if present is None:  # every annotated landmark is in the image

@@ -82,3 +82,24 @@ def test_the_cosine_learning_rate_falls_from_its_peak_to_zero_over_the_run():
   assert steps.learning_rate(4e-4) == 4e-4  # the paper's constant rate
   with pytest.raises(ValueError, match="lr_schedule"):
     steps.learning_rate(4e-4, schedule="step")
+
+
+def test_a_cut_away_landmark_is_trained_at_the_coarsest_scale_only_by_its_radial_error():
+  """`present` 0 with a position: out of every scale's squared error, into the coarsest scale's
+  `cut_away_loss` (radial mm over the annotated count); a batch without cut-away landmarks is unchanged."""
+  pred = jnp.array([[[[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], [[1.0, 0.0, 0.0], [20.0, 0.0, 0.0]]]])  # (1, S=2, K=2, 3)
+  target = jnp.array([[[0.0, 3.0, 4.0], [40.0, 0.0, 0.0]]])
+  apply_fn = lambda params, volumes, affines, noise_key: {"pred_mm": pred}  # noqa: E731
+  weights = jnp.array([1.0, 1.0])
+  run = lambda **b: steps.loss_and_metrics({}, {"volumes": [], "affines": [], "target_mm": target, **b},  # noqa: E731
+                                           apply_fn=apply_fn, weights=weights, noise_key=None)
+  loss_cut, m = run(present=jnp.array([[1.0, 0.0]]))
+  np.testing.assert_allclose(m["per_scale_mse_mm2"], [25.0, 1.0 + 9.0 + 16.0])  # landmark 0 only, count 1
+  np.testing.assert_allclose(m["cut_away_loss_mm"], 30.0 / 2, rtol=1e-5)  # |10 - 40| over 2 annotated
+  np.testing.assert_allclose(loss_cut, 25.0 + 26.0 + 15.0, rtol=1e-5)
+  loss_all, m_all = run(present=jnp.array([[1.0, 1.0]]))
+  _, m_none = run()
+  np.testing.assert_allclose(m_all["per_scale_mse_mm2"], m_none["per_scale_mse_mm2"])
+  np.testing.assert_allclose(m_all["per_scale_mse_mm2"], [(25.0 + 900.0) / 2, (26.0 + 400.0) / 2])
+  assert float(m_all["cut_away_loss_mm"]) == 0.0 and "cut_away_loss_mm" not in m_none
+  np.testing.assert_allclose(loss_all, (25.0 + 900.0) / 2 + (26.0 + 400.0) / 2, rtol=1e-6)
