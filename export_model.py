@@ -1,4 +1,5 @@
-"""Exports a trained run's best parameters as a small, self-contained model folder for predict.py.
+"""Exports a trained run's parameters (its best checkpoint, or `--config.eval.checkpoint=latest`) as a small,
+self-contained model folder for predict.py.
 
     python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 --out=pretrained/afids6
 

@@ -73,9 +73,10 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
 
 def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, example: loader.Example,
            notes: str = "") -> dict:
-  """Writes the run's best parameters and a model card (config, landmarks, provenance, measured errors, and
-  the QC thresholds and uncertainty calibration `evaluate` fitted, which `predict` applies)."""
-  trained = restore(config, workdir, example=example)
+  """Writes the run's parameters (the checkpoint `config.eval.checkpoint` names, as `evaluate` scores it:
+  "best" or "latest") and a model card (config, landmarks, provenance, measured errors, and the QC
+  thresholds and uncertainty calibration `evaluate` fitted, which `predict` applies)."""
+  trained = restore(config, workdir, example=example, which=config.eval.get("checkpoint", "best"))
   records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   results_path = Path(workdir) / "eval" / "test" / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else None
