@@ -1,5 +1,6 @@
 """Predictions land on the right spot in 3D Slicer's frames, and an output folder is replaced whole or not at all."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -60,7 +61,10 @@ def test_a_prediction_for_an_lps_stored_oblique_image_reads_back_at_the_truth_in
   cells = dict(zip(io.PREDICTION_COLUMNS, rows[1].split(",")))
   assert np.all(std >= 0)
   assert float(cells["confidence_volume_mm3"]) == pytest.approx(metrics.confidence_volume_mm3(std[0]), rel=1e-6)
-  assert cells["status"] == "" and cells["presence"] == ""  # not through QC, no presence output
+  assert cells["status"] == "" and cells["presence"] == ""  # not through QC, no image grid, no presence output
+  with_grid = dataclasses.replace(example, grid=io.load_grid(image))  # as loaded from a data set or predict.py
+  presence = predict.predict_cases(trained, [with_grid], num_samples=6, chunk_size=4, seed=0)[0]["presence"]
+  assert presence.shape == (2,) and np.all(presence > 0.99)  # both blobs predicted deep inside the image
 
 
 def test_an_output_folder_gets_only_its_own_files_and_never_swallows_inputs_or_runs(tmp_path):
