@@ -15,6 +15,7 @@ $PY benchmarks/torch_twin.py --size paper --conv-impls as_2d --repeats 3 --chunk
 $PY benchmarks/input_size.py --repeats 2 --warmup 1 > $R/cpu_input_size.txt 2>&1
 $PY benchmarks/loader_throughput.py --sizes demo > $R/cpu_loader_demo.txt 2>&1
 $PY benchmarks/loader_throughput.py --sizes paper > $R/cpu_loader_paper.txt 2>&1
+$PY benchmarks/augment_speed.py --sizes demo --repeats 5 > $R/cpu_augment_speed.txt 2>&1
 $PY benchmarks/device_input.py --size demo > $R/cpu_device_input.txt 2>&1
 $PY benchmarks/device_input.py --size paper --warmup 1 --repeats 2 >> $R/cpu_device_input.txt 2>&1
 $PY benchmarks/dtype_accuracy.py > $R/cpu_dtype_accuracy.txt 2>&1
