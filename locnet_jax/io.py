@@ -267,13 +267,14 @@ def load_landmarks(path, names: Sequence[str]) -> np.ndarray:
   return out
 
 
-def check_landmarks_in_image(points_mm: np.ndarray, names: Sequence[str], volume: Volume, path,
-                             *, margin_vox: float = 0.5) -> None:
-  """Raises DataError if an annotated landmark lies outside the image's field of view."""
-  vox = geometry.mm_to_vox(np.asarray(points_mm, np.float64), volume.affine)
-  upper = np.asarray(volume.data.shape) - 1 + margin_vox
-  for name, v in zip(names, vox):
-    if np.all(np.isfinite(v)) and (np.any(v < -margin_vox) or np.any(v > upper)):
+def check_landmarks_in_image(points_mm: np.ndarray, names: Sequence[str], volume: Volume, path) -> None:
+  """Raises DataError if an annotated landmark lies outside the image's field of view (the box its voxels
+  cover, `geometry.depth_in_grid_mm` below 0)."""
+  points_mm = np.asarray(points_mm, np.float64)
+  vox = geometry.mm_to_vox(points_mm, volume.affine)
+  depth_mm = geometry.depth_in_grid_mm(points_mm, volume.affine, volume.data.shape)
+  for name, v, depth in zip(names, vox, depth_mm):
+    if np.all(np.isfinite(v)) and depth < 0:
       raise DataError(path, f"landmark {name!r} at voxel {np.round(v, 1).tolist()} lies outside the image "
                             f"(shape {list(volume.data.shape)}); are the image and the landmarks of the same case?")
 
