@@ -7,7 +7,8 @@ Draws `--draws` augmentations of the training cases with the run's own settings 
 never a draw the run trained on, keeps those where a crop cut a landmark away, and prints per case: the
 coarsest scale's radial error (mm) for the landmarks cut away (against their true position beyond the
 edge) and for those in the image, and the share of each landmark's ReLU heatmap mass on voxels outside the
-image data (exact zeros: the crop and the padding). Then the medians over cases. Checkpoint: the run's
+image data (the outside value: the crop and the padding). Then the medians over cases, and how often the
+coarsest point falls on the empty part (nearest voxel; what prediction reads as absent). Checkpoint: the run's
 latest (`which`).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from locnet_jax import from_config  # noqa: E402
+from locnet_jax import from_config, geometry  # noqa: E402
 from locnet_jax.data import augment_host, loader  # noqa: E402
 from locnet_jax.eval import restore  # noqa: E402
 
@@ -32,10 +33,11 @@ def main():
   args = parser.parse_args()
   config = restore.saved_config(Path(args.workdir))
   data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
-  settings = from_config.augment_settings(config.train)
+  outside = config.data.get("outside_value", 0.0)
+  settings = from_config.augment_settings(config.train, outside_value=outside)
   first = data.val[0]() if callable(data.val[0]) else data.val[0]
   trained = restore.restore(config, Path(args.workdir), example=first, which=args.which)
-  cut_errors, in_errors, cut_mass, in_mass = [], [], [], []
+  cut_errors, in_errors, cut_mass, in_mass, cut_absent, in_absent = [], [], [], [], [], []
   for i in range(args.draws):
     case = data.train[i % len(data.train)]
     example = case() if callable(case) else case
@@ -51,7 +53,12 @@ def main():
     coarse_mm = np.asarray(result["pred_mm"][0, 0])
     error = np.linalg.norm(coarse_mm - out.target_mm, axis=-1)
     heatmap = np.maximum(np.asarray(state["intermediates"]["heatmap0"][0])[0], 0)  # (X, Y, Z, K)
-    empty = out.pyramid.volumes[0] == 0
+    empty = out.pyramid.volumes[0] == outside
+    vox = np.rint(geometry.mm_to_vox(coarse_mm, out.pyramid.affines[0])).astype(int)
+    on = np.all((vox >= 0) & (vox < np.asarray(empty.shape)), axis=-1)
+    in_empty = np.array([bool(o and empty[tuple(v)]) or not o for v, o in zip(vox, on)])
+    cut_absent += in_empty[cut].tolist()
+    in_absent += in_empty[inside].tolist()
     mass = np.array([float(heatmap[..., k][empty].sum()) / max(float(heatmap[..., k].sum()), 1e-12)
                      for k in range(heatmap.shape[-1])])
     cut_errors += error[cut].tolist()
@@ -66,6 +73,8 @@ def main():
   print(f"\n{len(cut_errors)} cut-away and {len(in_errors)} in-image landmarks over the crops (10th/50th/90th "
         f"percentiles): coarse error cut away {q(cut_errors)} mm, in the image {q(in_errors)} mm; heatmap mass "
         f"in the empty part: cut away {q(cut_mass)}, in the image {q(in_mass)}")
+  print(f"coarse point on the empty part (called absent): {100 * np.mean(cut_absent):.0f} % of the cut-away, "
+        f"{100 * np.mean(in_absent):.0f} % of the in-image landmarks")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.cache_dir = ""  # pyramid cache; "" = <data set folder>/.locnet_cache
   data.intensity = "mr"  # "mr" (percentile scaling), "ct" (Hounsfield window) or "none"
   data.ct_window_hu = (-1000.0, 1000.0)
+  # the model's input outside the image: 0 (as dark as air), or < 0 to mark where the image ends (a partial
+  # field of view is then visible to the model: docs/design.md, "Real scans"); needs data.intensity != "none"
+  data.outside_value = 0.0
   data.spacings_mm = (4.0, 2.0, 1.0, 0.5)  # pyramid levels, coarse to fine, isotropic mm (paper)
   data.finest_size = 448  # finest grid size in voxels (448 x 0.5 mm = 224 mm field of view, paper)
   data.num_landmarks = 2  # K for synthetic data (a data set's manifest names its own landmarks)
@@ -35,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.kind = "multiscale"
   model.patch_size = 56  # patch edge in voxels for every scale after the first (paper: 56)
   model.com_kind = "relu"  # centre-of-mass weights: "relu" (paper) or "softmax"
+  model.coarse_com_kind = ""  # the coarsest scale's, "" = model.com_kind
+  model.coarse_unet = ml_collections.ConfigDict()  # overrides of `unet` for the coarsest scale (e.g. depth=3)
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
   model.extra_levels = 1  # "single_scale": U-Net levels added to unet.depth (paper, footnote 2)

@@ -42,7 +42,9 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             unet=unet, com_kind=model_config.com_kind, noise_mm=model_config.noise_mm,
                             stop_gradient=model_config.stop_gradient,
                             patch_groups=model_config.get("patch_groups", 0),  # absent from older runs' configs
-                            presence=model_config.get("presence", False))
+                            presence=model_config.get("presence", False),
+                            coarse_unet=dict(model_config.get("coarse_unet") or {}) or None,
+                            coarse_com_kind=model_config.get("coarse_com_kind") or None)
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:
@@ -54,16 +56,18 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
   return HeatmapUNet(num_landmarks, unet=unet)
 
 
-def augment_settings(train_config: ml_collections.ConfigDict) -> augment_host.AugmentSettings:
-  """The augmentation a config's `train.augmentation` draws (defaults for fields an older config lacks)."""
+def augment_settings(train_config: ml_collections.ConfigDict, *, outside_value: float = 0.0
+                     ) -> augment_host.AugmentSettings:
+  """The augmentation a config's `train.augmentation` draws (defaults for fields an older config lacks), on
+  pyramids whose outside is `outside_value` (the config's `data.outside_value`)."""
   fields = {f.name for f in dataclasses.fields(augment_host.AugmentSettings)}
   given = train_config.get("augmentation")
   given = given.to_dict() if given is not None else {}
-  unknown = sorted(set(given) - fields)
+  unknown = sorted(set(given) - (fields - {"outside_value"}))  # outside_value: data.outside_value
   if unknown:
     raise ConfigError(f"unknown train.augmentation fields {unknown}; known: {sorted(fields)}")
   values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(given).items()}
-  return augment_host.AugmentSettings(**values)
+  return augment_host.AugmentSettings(**values, outside_value=float(outside_value))
 
 
 def _require(ok: bool, field: str, value, rule: str) -> None:
@@ -89,12 +93,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   factor = 2 ** (m.unet.depth + (m.extra_levels if m.kind == "single_scale" else 0))
   _require(levels[-1] % factor == 0, "data.finest_size", d.finest_size,
            f"the coarsest level ({levels[-1]} voxels) must be divisible by 2**(U-Net depth) = {factor}")
+  coarse_depth = {**m.unet.to_dict(), **dict(m.get("coarse_unet") or {})}["depth"]
+  _require(m.kind != "multiscale" or levels[-1] % 2 ** coarse_depth == 0, "model.coarse_unet.depth", coarse_depth,
+           f"the coarsest level ({levels[-1]} voxels) must be divisible by 2**depth")
   if m.kind == "multiscale" and len(spacings) > 1:
     _require(isinstance(m.patch_size, int) and m.patch_size >= 1 and m.patch_size % factor == 0, "model.patch_size",
              m.patch_size, f"a positive multiple of 2**unet.depth = {factor}")
   try:
     create_model(m, num_landmarks=1, num_scales=len(spacings))
     UNet3D(out_channels=1, **m.unet.to_dict())  # its own checks (norm, activation, sizes...)
+    UNet3D(out_channels=1, **{**m.unet.to_dict(), **dict(m.get("coarse_unet") or {})})
   except ValueError as error:
     raise ConfigError(f"model: {error}") from None
   _require(np.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
@@ -105,13 +113,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                 ("eval.chunk_size", e.chunk_size, 0)):
     _require(isinstance(value, int) and value >= minimum, field, value, f"an int >= {minimum}")
   _require(t.get("presence_weight", 1.0) >= 0, "train.presence_weight", t.get("presence_weight"), ">= 0")
+  outside = d.get("outside_value", 0.0)
+  _require(np.isfinite(outside) and outside <= 0, "data.outside_value", outside, "0, or < 0 to mark the outside")
+  _require(outside == 0 or d.intensity != "none", "data.outside_value", outside,
+           "a marker needs normalised images (data.intensity 'mr' or 'ct'), not 'none'")
   augment_settings(t)
 
 
 def preprocess_settings(data_config: ml_collections.ConfigDict) -> loader.PreprocessSettings:
   """The pyramid a config's `data` section asks for."""
   return loader.PreprocessSettings(spacings_mm=tuple(data_config.spacings_mm), finest_size=data_config.finest_size,
-                                   intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu))
+                                   intensity=data_config.intensity, ct_window_hu=tuple(data_config.ct_window_hu),
+                                   outside_value=float(data_config.get("outside_value", 0.0)))
 
 
 def afids_landmarks(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:

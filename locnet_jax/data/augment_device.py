@@ -175,14 +175,25 @@ def augment_case(volumes, affines, target_mm: jax.Array, key: jax.Array, setting
     transform = transform.at[:3, 3].add(fov_shift)
   contrast = contrast_draws(keys, settings=settings, lower_mm=lower, upper_mm=upper)
   moved = []
+  mark = settings.outside_value
   for level, (volume, affine) in enumerate(zip(volumes, affines)):
-    v = transform_volume(volume.astype(jnp.float32), affine, transform, field=field)
+    volume = volume.astype(jnp.float32)
+    image_mask = None if mark == 0 else volume > mark / 2  # as `preprocess.split_outside`
+    if image_mask is not None:
+      volume = jnp.where(image_mask, jnp.maximum(volume, 0), 0.0)
+    v = transform_volume(volume, affine, transform, field=field)
     v = _apply_contrast(v, affine, contrast)
     v = jnp.clip(v, 0, None) ** gamma * scale + shift
     if settings.noise_std:
       v = v + settings.noise_std * jax.random.normal(jax.random.fold_in(k_noise, level), v.shape)
+    keep = None
+    if image_mask is not None:
+      keep = transform_volume(image_mask.astype(jnp.float32), affine, transform, field=field) > 0.5
     if fov is not None:
-      v = jnp.where(variation_device.box_mask(affine, v.shape, *fov), v, 0.0)
+      in_box = variation_device.box_mask(affine, v.shape, *fov)
+      keep = in_box if keep is None else keep & in_box
+    if keep is not None:
+      v = jnp.where(keep, v, mark)
     moved.append(v)
   if field is None:
     moved_target = geometry.apply_affine(transform, target_mm)

@@ -7,7 +7,8 @@ at world point p is the old one at inv(T)(p + d(p)), on the same grid (same affi
 move to where that map sends them. Then the contrast changes (`variation`: a random intensity lookup
 table, a bias field, blur, thick slices), then gamma, scale, shift and noise, drawn once per case and
 applied to every level alike (the noise per level); last, an optional random field of view zeroes the
-image outside a box, and the landmarks outside it (or outside the grid) are marked absent. A landmark cut
+image outside a box, and the landmarks outside it (or outside the grid) are marked absent. With a marked
+outside (`outside_value` < 0) the image's inside mask moves with it, and the marker fills the rest. A landmark cut
 away by the field of view but still on the grid keeps its position as a target: the model learns where
 it lies beyond the image's edge, which is how presence is read at prediction time (`eval/qc.py`).
 The caller seeds the RNG with ``(seed, epoch, case_index)``, so a resumed run replays exactly.
@@ -52,13 +53,16 @@ class AugmentSettings:
   fov_slab_probability: float = 0.5  # a slab along one axis, else a partial volume
   fov_min_mm: float = 40.0
   fov_shift_mm: float = 40.0  # extra translation per axis when cropping: which part of the head is seen
+  # the pyramid's value outside the image (the data recipe's, `preprocess.split_outside`): 0, or < 0 to mark
+  # it, kept outside the moved image and the field of view, never changed by the intensity draws
+  outside_value: float = 0.0
 
 
 DEVICE_FIELDS = ("max_rotation_deg", "max_scale", "max_translation_mm", "max_gamma", "max_intensity_scale",
                  "max_intensity_shift", "noise_std", "deform_mm", "deform_spacing_mm", "max_axis_scale",
                  "lut_probability", "lut_knots", "max_bias_log", "max_blur_mm", "thick_probability",
                  "max_thickness_mm", "fov_probability", "fov_slab_probability", "fov_min_mm",
-                 "fov_shift_mm")  # what `augment_device` implements; the rest (elastic_mm) is host-only
+                 "fov_shift_mm", "outside_value")  # what `augment_device` implements; the rest (elastic_mm) is host-only
 
 
 def host_only_fields(settings: AugmentSettings) -> list[str]:
@@ -193,6 +197,16 @@ def _apply_contrast(volume: np.ndarray, affine: np.ndarray, draws: dict) -> np.n
   return volume
 
 
+def _move(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, field) -> np.ndarray:
+  """One level under the case's world transform and displacement (none, elastic or `DisplacementField`)."""
+  if field is None:
+    return transform_volume(volume, affine, transform)
+  if isinstance(field, variation.DisplacementField):
+    return warp_volume(volume, affine, transform, field)
+  return preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
+                             world_map=source_points(transform, field))
+
+
 def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
                  settings: AugmentSettings) -> Augmented:
   """The case under one draw of `settings` (module docstring): image and landmarks moved together."""
@@ -217,20 +231,18 @@ def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generat
                                          min_mm=settings.fov_min_mm, slab_probability=settings.fov_slab_probability)
   contrast = _contrast(rng, settings, box)
   volumes = []
-  for volume, affine in zip(pyramid.volumes, pyramid.affines):
-    if field is None:
-      moved = transform_volume(volume, affine, transform)
-    elif isinstance(field, variation.DisplacementField):
-      moved = warp_volume(volume, affine, transform, field)
-    else:
-      moved = preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
-                                  world_map=source_points(transform, field))
+  for level, affine in zip(pyramid.volumes, pyramid.affines):
+    volume, image_mask = preprocess.split_outside(level, outside_value=settings.outside_value)
+    moved = _move(volume, affine, transform, field)
     moved = _apply_contrast(moved, affine, contrast)
     moved = np.clip(moved, 0, None) ** gamma * scale + shift
     if settings.noise_std:
       moved = moved + rng.normal(0.0, settings.noise_std, moved.shape)
+    keep = None if image_mask is None else _move(image_mask, affine, transform, field) > 0.5
     if fov is not None:
-      moved = np.where(fov.mask(affine, moved.shape), moved, 0.0)
+      keep = fov.mask(affine, moved.shape) & (True if keep is None else keep)
+    if keep is not None:
+      moved = np.where(keep, moved, settings.outside_value)
     volumes.append(moved.astype(np.float32))
   moved_target = move_points(target_mm, transform=transform, elastic=field)
   annotated = np.all(np.isfinite(moved_target), axis=-1)

@@ -36,6 +36,7 @@ class PreprocessSettings:
   ct_window_hu: tuple[float, float] = (-1000.0, 1000.0)
   mr_percentiles: tuple[float, float] = (0.5, 99.5)
   storage_dtype: str = "float16"  # cache storage; float16 halves disk use of [0, 1] images
+  outside_value: float = 0.0  # the grid outside the image (< 0 marks it: `preprocess.split_outside`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,10 @@ def _file_digest(path: Path) -> str:
 
 
 def cache_key(image: Path, settings: PreprocessSettings) -> str:
-  payload = json.dumps({"image": _file_digest(image), "settings": dataclasses.asdict(settings),
+  recipe = dataclasses.asdict(settings)
+  if recipe["outside_value"] == 0:  # the default: caches written before the field existed stay valid
+    del recipe["outside_value"]
+  payload = json.dumps({"image": _file_digest(image), "settings": recipe,
                         "version": CACHE_VERSION}, sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -100,7 +104,7 @@ def compute_pyramid(image: Path, settings: PreprocessSettings) -> preprocess.Pyr
   except ValueError as error:
     raise io.DataError(image, f"cannot normalise its intensities ({error}): is it almost constant?") from None
   return preprocess.build_pyramid(data, volume.affine, spacings_mm=settings.spacings_mm,
-                                  finest_size=settings.finest_size)
+                                  finest_size=settings.finest_size, outside_value=settings.outside_value)
 
 
 def load_pyramid(image: Path, settings: PreprocessSettings, cache_dir: Path | None) -> preprocess.Pyramid:

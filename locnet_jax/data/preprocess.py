@@ -6,7 +6,8 @@ spacing (448^3 at 0.5 mm, a 224 mm field of view centred on the image), and the 
 so landmarks stay in mm. Levels are ordered coarse to fine, as the model takes them.
 
 Normalisation happens before resampling, so that the space outside the image is 0 after it (air in CT,
-background in MR).
+background in MR), or `outside_value` (< 0) when the model is to tell the image's edge from dark anatomy: a
+partial field of view then shows where the acquisition ends (`split_outside` recovers image and mask).
 """
 
 from __future__ import annotations
@@ -122,8 +123,20 @@ def downsample2(volume: np.ndarray) -> np.ndarray:
   return out.astype(np.float32)
 
 
+def split_outside(volume: np.ndarray, *, outside_value: float) -> tuple[np.ndarray, np.ndarray | None]:
+  """A level (X, Y, Z) as (image, 0 outside; inside mask float32 in {0, 1}), the mask None for
+  ``outside_value == 0`` (nothing marks the outside). A voxel is inside when more than half of it is image
+  (value above ``outside_value / 2``: images are normalised to [0, 1], so the blend of the two at an edge
+  decides by its weight)."""
+  volume = np.asarray(volume, np.float32)
+  if outside_value == 0:
+    return volume, None
+  inside = volume > outside_value / 2
+  return np.where(inside, np.maximum(volume, 0), 0).astype(np.float32), inside.astype(np.float32)
+
+
 def build_pyramid(data: np.ndarray, affine: np.ndarray, *, spacings_mm: Sequence[float], finest_size: int,
-                  center_mm=None) -> Pyramid:
+                  center_mm=None, outside_value: float = 0.0) -> Pyramid:
   """The multi-scale input of one (already normalised) image.
 
   Args:
@@ -131,6 +144,7 @@ def build_pyramid(data: np.ndarray, affine: np.ndarray, *, spacings_mm: Sequence
     spacings_mm: level spacings coarse to fine, each twice the next (paper: 4, 2, 1, 0.5).
     finest_size: finest grid size in voxels (paper: 448); must be divisible by 2**(levels - 1).
     center_mm: grid centre (3,) RAS mm; default the centre of the image's voxel grid.
+    outside_value: the value of the grid outside the image (0, or < 0 to mark it: module docstring).
   """
   check_spacings(spacings_mm)
   factor = 2 ** (len(spacings_mm) - 1)
@@ -138,7 +152,8 @@ def build_pyramid(data: np.ndarray, affine: np.ndarray, *, spacings_mm: Sequence
     raise ValueError(f"finest_size {finest_size} must be divisible by 2**(levels - 1) = {factor}")
   center = image_center_mm(data.shape, affine) if center_mm is None else np.asarray(center_mm, np.float64)
   fine_affine = grid_affine(center_mm=center, spacing_mm=float(spacings_mm[-1]), size=finest_size)
-  volumes = [resample(data, affine, target_affine=fine_affine, target_shape=(finest_size,) * 3)]
+  volumes = [resample(data, affine, target_affine=fine_affine, target_shape=(finest_size,) * 3,
+                      fill=outside_value)]
   affines = [fine_affine]
   for spacing in reversed(spacings_mm[:-1]):
     volumes.append(downsample2(volumes[-1]))

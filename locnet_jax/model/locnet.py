@@ -137,6 +137,9 @@ class MultiScaleLocNet(nn.Module):
     patch_groups: the finer scales' patches go through their U-Net in this many independent calls
       (`resolve_patch_groups`; 0: auto, by backend): speed only, the same function and parameters.
     presence: also output "presence_logit" (B, K), whether each landmark is in the image (`Presence`).
+    coarse_unet: overrides of `unet` for scale 0 (e.g. a deeper U-Net, whose receptive field spans the
+      whole field of view: it must place landmarks the image cuts away); None: `unet`.
+    coarse_com_kind: scale 0's centre-of-mass kind; None: `com_kind`.
   """
 
   num_landmarks: int
@@ -148,6 +151,8 @@ class MultiScaleLocNet(nn.Module):
   stop_gradient: bool = False
   patch_groups: int = 0
   presence: bool = False
+  coarse_unet: Mapping[str, Any] | None = None
+  coarse_com_kind: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
@@ -155,8 +160,9 @@ class MultiScaleLocNet(nn.Module):
     if not isinstance(self.num_scales, int) or self.num_scales < 1:
       raise ValueError(f"num_scales must be an int >= 1, got {self.num_scales!r}")
     ops.as_shape3(self.patch_shape)
-    if self.com_kind not in ops.CENTER_OF_MASS_KINDS:
-      raise ValueError(f"com_kind must be one of {ops.CENTER_OF_MASS_KINDS}, got {self.com_kind!r}")
+    for name, kind in (("com_kind", self.com_kind), ("coarse_com_kind", self.coarse_com_kind or self.com_kind)):
+      if kind not in ops.CENTER_OF_MASS_KINDS:
+        raise ValueError(f"{name} must be one of {ops.CENTER_OF_MASS_KINDS}, got {kind!r}")
     if not self.noise_mm >= 0:
       raise ValueError(f"noise_mm must be >= 0, got {self.noise_mm!r}")
     resolve_patch_groups(self.patch_groups, 1)
@@ -189,8 +195,10 @@ class MultiScaleLocNet(nn.Module):
       raise ValueError(f"num_samples needs a noise_key and must be an int >= 1, got {num_samples!r}")
     batch, k_count = volumes[0].shape[0], self.num_landmarks
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
-    nets = [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
-            for s in range(self.num_scales)]
+    coarse = LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.coarse_unet or {})},
+                    self.coarse_com_kind or self.com_kind, name="scale0")
+    nets = [coarse] + [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
+                       for s in range(1, self.num_scales)]
 
     coarse_vox, heatmap = nets[0](volumes[0])
     self.sow("intermediates", "heatmap0", heatmap)

@@ -222,7 +222,9 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   noise_root = jax.random.fold_in(root, 1)
   best_error = meta["best_val_error_mm"] if meta else float("inf")
   best_epoch = meta["best_epoch"] if meta else None
-  augment = from_config.augment_settings(config.train) if (config.train.augment and data.from_files) else None
+  augment = None
+  if config.train.augment and data.from_files:
+    augment = from_config.augment_settings(config.train, outside_value=config.data.get("outside_value", 0.0))
   on_device = augment is not None and resolve_augment_on(config.train.augment_on) == "device"
   augment_fn = jax.jit(functools.partial(augment_device.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)

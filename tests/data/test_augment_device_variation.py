@@ -224,3 +224,25 @@ def test_the_batch_under_jit_carries_presence_and_deformations_never_fold():
   assert np.all(slope <= 2 * largest / step + 1e-3) and np.all(slope > 0.5 * largest / step)
   assert moves.min() > 2.5 and det.min() > 0
   assert error.max() < 1e-2
+
+
+def test_a_marked_outside_moves_with_the_image_as_on_the_host():
+  """outside_value < 0 on the device: the marker fills the moved image's outside and the field of view's cut,
+  the intensity draws never touch it, and inside every voxel is the unmarked image's under the same key."""
+  volume, affine = _texture((32, 32, 32), seed=9, floor=0.1)
+  band = np.zeros(volume.shape, bool)
+  band[5:-5, 5:-5, 5:-5] = True
+  marked, zeroed = np.where(band, volume, -1.0), np.where(band, volume, 0.0)
+  points = np.zeros((1, 3))
+  settings = dict(max_rotation_deg=15.0, max_translation_mm=6.0, max_intensity_shift=0.3, noise_std=0.05,
+                  lut_probability=1.0, fov_probability=0.5, fov_min_mm=15.0, fov_shift_mm=0.0)
+  key = jax.random.key(11)
+  a = _augment(_batch(marked, affine, points, 6), key, augment_host.AugmentSettings(**settings, outside_value=-1.0))
+  b = _augment(_batch(zeroed, affine, points, 6), key, augment_host.AugmentSettings(**settings))
+  va, vb = np.asarray(a["volumes"][0]), np.asarray(b["volumes"][0])
+  outside = va == -1.0
+  assert outside.mean() > 0.3 and va[~outside].min() > -0.5
+  inner = ~outside & np.asarray([scipy.ndimage.binary_erosion(~o, iterations=2) for o in outside])
+  assert inner.mean() > 0.1
+  np.testing.assert_allclose(va[inner], vb[inner], atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(a["present"]), np.asarray(b["present"]))

@@ -111,3 +111,26 @@ def test_the_affine_path_of_resample_equals_the_general_one_on_an_oblique_flippe
                                 world_map=lambda p: p)
   assert np.sum(fast == -1.0) > 10 and np.sum(fast != -1.0) > 100  # the grids overlap, partly
   np.testing.assert_allclose(fast, general, atol=helpers.f32_atol(np.abs(data).max()))
+
+
+def test_a_marked_outside_fills_the_grid_beyond_the_image_and_splits_back():
+  """outside_value < 0: the grid beyond the image holds the marker, the image's voxels what the 0-filled
+  pyramid holds; `split_outside` gives back that pyramid's image and a mask true where the image is."""
+  affine = _oblique_affine()
+  data = np.clip(_linear_image((30, 36, 26), affine, coefficients=(0.01, -0.01, 0.02), offset=0.5), 0, 1)
+  kwargs = dict(spacings_mm=(4.0, 2.0), finest_size=48)  # 96 mm: wider than the ~40 mm image
+  plain = preprocess.build_pyramid(data, affine, **kwargs)
+  marked = preprocess.build_pyramid(data, affine, outside_value=-1.0, **kwargs)
+  for level, (volume, zeroed, level_affine) in enumerate(zip(marked.volumes, plain.volumes, marked.affines)):
+    depth = geometry.depth_in_grid_mm(helpers.voxel_grid_mm(level_affine, volume.shape), affine, data.shape)
+    spacing = 2.0 * 2 ** (1 - level)
+    far_out, deep_in = depth < -2 * spacing, depth > 2 * spacing
+    assert far_out.mean() > 0.3 and deep_in.sum() > 20
+    assert np.all(volume[far_out] == -1.0)
+    np.testing.assert_allclose(volume[deep_in], zeroed[deep_in], atol=1e-6)
+    image, inside = preprocess.split_outside(volume, outside_value=-1.0)
+    assert np.all(inside[deep_in] == 1) and np.all(inside[far_out] == 0) and image.min() >= 0
+    np.testing.assert_allclose(image[deep_in], zeroed[deep_in], atol=1e-6)
+    assert np.all(image[inside == 0] == 0)
+  same, none = preprocess.split_outside(plain.volumes[0], outside_value=0.0)
+  assert none is None and np.array_equal(same, plain.volumes[0])

@@ -164,3 +164,38 @@ def test_the_fast_warp_equals_resampling_through_the_world_map():
   fast = augment_host.warp_volume(volume, affine, transform, field, slab=20)
   assert (slow == 0).mean() > 0.01  # part of the grid was moved in from outside the image
   np.testing.assert_allclose(fast, slow, atol=2e-6)
+
+
+def _marked(pyramid, outside_value=-1.0, band=6):
+  """The pyramid with its outer `band` voxels outside the image (the marker)."""
+  volume = np.full_like(pyramid.volumes[0], outside_value)
+  inner = (slice(band, -band),) * 3
+  volume[inner] = pyramid.volumes[0][inner]
+  return preprocess.Pyramid((volume,), pyramid.affines)
+
+
+def test_a_marked_outside_moves_with_the_image_and_the_intensity_draws_never_touch_it():
+  """With outside_value < 0 the image's edge moves with the image and the field of view's box is cut to the
+  marker; inside, every voxel is what the same draw gives the unmarked image."""
+  base = _texture_pyramid(8)
+  zero_band = _marked(base, 0.0)
+  marked = _marked(base, -1.0)
+  settings = dict(max_rotation_deg=15.0, max_translation_mm=8.0, max_intensity_shift=0.3, noise_std=0.05,
+                  lut_probability=1.0, max_bias_log=0.3, fov_probability=0.5, fov_min_mm=20.0, fov_shift_mm=0.0)
+  grid = helpers.voxel_grid_mm(base.affines[0], base.volumes[0].shape)
+  cut = 0
+  for seed in range(6):
+    draw = lambda p, v: augment_host.augment_case(p, np.zeros((1, 3)), np.random.default_rng(seed),  # noqa: E731
+                                                  augment_host.AugmentSettings(**settings, outside_value=v))
+    a, b = draw(marked, -1.0), draw(zero_band, 0.0)
+    np.testing.assert_array_equal(a.transform, b.transform)  # the marker draws nothing
+    volume = a.pyramid.volumes[0]
+    source_vox = geometry.mm_to_vox(geometry.apply_affine(np.linalg.inv(a.transform), grid), base.affines[0])
+    inner_gap = np.min(np.minimum(source_vox - 6, 41 - source_vox), axis=-1)  # > 0: from the image's inside
+    outside = volume == -1.0
+    assert np.all(outside[inner_gap < -1]) and outside.mean() > 0.2
+    kept = ~outside & (inner_gap > 1)
+    assert kept.mean() > 0.1 and volume[~outside].min() > -0.5  # shifts and noise stay far from the marker
+    np.testing.assert_allclose(volume[kept], b.pyramid.volumes[0][kept], atol=1e-5)
+    cut += int(np.sum(outside & (inner_gap > 1)) > 0)  # a field of view cut inside the image
+  assert cut > 0
