@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.patch_size = 56  # patch edge in voxels for every scale after the first (paper: 56)
   model.com_kind = "relu"  # centre-of-mass weights: "relu" (paper) or "softmax"
   model.coarse_com_kind = ""  # the coarsest scale's, "" = model.com_kind
-  model.coarse_unet = ml_collections.ConfigDict()  # overrides of `unet` for the coarsest scale (e.g. depth=3)
+  model.coarse_depth = 0  # the coarsest scale's U-Net depth (a receptive field over the whole grid); 0 = unet.depth
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
   model.extra_levels = 1  # "single_scale": U-Net levels added to unet.depth (paper, footnote 2)

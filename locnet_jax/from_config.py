@@ -43,7 +43,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             stop_gradient=model_config.stop_gradient,
                             patch_groups=model_config.get("patch_groups", 0),  # absent from older runs' configs
                             presence=model_config.get("presence", False),
-                            coarse_unet=dict(model_config.get("coarse_unet") or {}) or None,
+                            coarse_unet={"depth": model_config.coarse_depth} if model_config.get("coarse_depth") else None,
                             coarse_com_kind=model_config.get("coarse_com_kind") or None)
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
@@ -93,16 +93,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   factor = 2 ** (m.unet.depth + (m.extra_levels if m.kind == "single_scale" else 0))
   _require(levels[-1] % factor == 0, "data.finest_size", d.finest_size,
            f"the coarsest level ({levels[-1]} voxels) must be divisible by 2**(U-Net depth) = {factor}")
-  coarse_depth = {**m.unet.to_dict(), **dict(m.get("coarse_unet") or {})}["depth"]
-  _require(m.kind != "multiscale" or levels[-1] % 2 ** coarse_depth == 0, "model.coarse_unet.depth", coarse_depth,
-           f"the coarsest level ({levels[-1]} voxels) must be divisible by 2**depth")
+  coarse_depth = m.get("coarse_depth") or m.unet.depth
+  _require(isinstance(coarse_depth, int) and coarse_depth >= 1 and levels[-1] % 2 ** coarse_depth == 0,
+           "model.coarse_depth", coarse_depth, f"0, or an int >= 1 with the coarsest level ({levels[-1]} voxels) "
+           "divisible by 2**coarse_depth")
   if m.kind == "multiscale" and len(spacings) > 1:
     _require(isinstance(m.patch_size, int) and m.patch_size >= 1 and m.patch_size % factor == 0, "model.patch_size",
              m.patch_size, f"a positive multiple of 2**unet.depth = {factor}")
   try:
     create_model(m, num_landmarks=1, num_scales=len(spacings))
     UNet3D(out_channels=1, **m.unet.to_dict())  # its own checks (norm, activation, sizes...)
-    UNet3D(out_channels=1, **{**m.unet.to_dict(), **dict(m.get("coarse_unet") or {})})
   except ValueError as error:
     raise ConfigError(f"model: {error}") from None
   _require(np.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")

@@ -24,8 +24,12 @@ def test_the_augmentation_section_declares_every_setting_with_its_default():
   from configs import default, multiscale
   from locnet_jax.data import augment_host
   config = default.get_config()
-  assert set(config.train.augmentation) == {f.name for f in dataclasses.fields(augment_host.AugmentSettings)}
+  assert set(config.train.augmentation) | {"outside_value"} == {f.name for f in
+                                                                dataclasses.fields(augment_host.AugmentSettings)}
   assert from_config.augment_settings(config.train) == augment_host.AugmentSettings()
+  marked = from_config.augment_settings(config.train, outside_value=-1.0)  # the data recipe's, not a draw
+  assert marked.outside_value == -1.0 and marked == dataclasses.replace(augment_host.AugmentSettings(),
+                                                                        outside_value=-1.0)
   varied = from_config.augment_settings(multiscale.get_config("afids6_real").train)
   assert varied.deform_mm > 0 and varied.fov_probability > 0 and varied.lut_probability > 0
   assert augment_host.host_only_fields(varied) == []  # the device implements every variation
@@ -65,6 +69,10 @@ BAD_FIELDS = [
     ({"model.unet.norm": "batch"}, r"model: norm must be one of"),
     ({"data.manifest": "x.json"}, r"data.manifest='x.json': is only read with data.source='manifest'"),
     ({"data.spacings_mm": (8.0, 2.0)}, r"data.spacings_mm=\(8.0, 2.0\): spacings_mm must be .* each twice the next"),
+    ({"data.outside_value": 0.5}, r"data.outside_value=0.5: 0, or < 0 to mark the outside"),
+    ({"data.outside_value": -1.0, "data.intensity": "none"}, r"data.outside_value=-1.0: a marker needs normalised"),
+    ({"model.coarse_depth": 6}, r"model.coarse_depth=6: .*coarsest level \(32 voxels\) divisible"),
+    ({"model.coarse_com_kind": "max"}, r"model: coarse_com_kind must be one of"),
 ]
 
 

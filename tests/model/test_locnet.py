@@ -1,5 +1,7 @@
 """Multi-scale Loc-Net, single-scale Loc-Net and heatmap U-Net: frames, routing, gradients, noise, shapes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +220,25 @@ def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
                                atol=1e-4)
 
 
+def test_the_coarsest_scale_takes_its_own_unet_and_centre_of_mass():
+  """coarse_unet deepens scale 0 only (one more level of parameters), coarse_com_kind changes scale 0's
+  centre of mass only: the finer scales' parameters and function stay those of the plain model."""
+  volumes, affines = helpers.random_pyramid(1, (8, 16), (4.0, 2.0))
+  plain = MultiScaleLocNet(2, num_scales=2, patch_shape=(4, 4, 4), unet=dict(depth=1, base_channels=2), patch_groups=1)
+  deep = plain.clone(coarse_unet={"depth": 2}, coarse_com_kind="softmax")
+  p_plain, p_deep = (jax.jit(m.init)(jax.random.key(0), volumes, affines)["params"] for m in (plain, deep))
+  levels = lambda tree: {k.split("_")[0] for k in tree["unet"] if k.startswith("enc")}  # noqa: E731
+  assert len(levels(p_deep["scale0"])) == len(levels(p_plain["scale0"])) + 1
+  jax.tree.map(np.testing.assert_array_equal, p_deep["scale1"], p_plain["scale1"])
+  out, state = jax.jit(functools.partial(deep.apply, mutable="intermediates"))({"params": p_deep}, volumes, affines)
+  heatmap = state["intermediates"]["heatmap0"][0]
+  from locnet_jax.model import ops
+  soft_vox = jax.vmap(jax.vmap(lambda h: ops.center_of_mass(h, kind="softmax"), in_axes=-1))(heatmap)
+  np.testing.assert_allclose(out["pred_mm"][:, 0], geometry.vox_to_mm(soft_vox, affines[0]), atol=1e-4)
+  relu_vox = jax.vmap(jax.vmap(ops.center_of_mass, in_axes=-1))(heatmap)
+  assert np.abs(np.asarray(relu_vox - soft_vox)).max() > 1e-3  # the two kinds differ on this heatmap
+
+
 # ---------------------------------------------------------------- shapes and bad arguments
 
 @pytest.mark.parametrize("batch, num_scales, num_landmarks, patch", [
@@ -241,6 +262,7 @@ def test_output_shapes(batch, num_scales, num_landmarks, patch):
     (lambda: MultiScaleLocNet(2, com_kind="max"), "com_kind"),
     (lambda: MultiScaleLocNet(2, patch_groups=-1), "patch_groups must be an int >= 0"),
     (lambda: LocNet(2, com_kind="max"), "com_kind"),
+    (lambda: MultiScaleLocNet(2, coarse_com_kind="max"), "coarse_com_kind"),
 ])
 def test_bad_model_arguments(make, message):
   with pytest.raises(ValueError, match=message):
