@@ -63,6 +63,27 @@ def test_float16_cache_is_close_to_the_computed_pyramid(tmp_path):
   np.testing.assert_allclose(cached.volumes[1], computed.volumes[1], atol=1e-3)
 
 
+def test_a_marked_outside_is_its_own_cache_entry_and_the_default_keeps_old_keys(tmp_path):
+  image = _image(tmp_path / "c.nii.gz")
+  settings = loader.PreprocessSettings(spacings_mm=(4.0, 2.0), finest_size=32, intensity="mr")
+  marked_settings = loader.PreprocessSettings(**{**settings.__dict__, "outside_value": -1.0})
+  plain = loader.load_pyramid(image, settings, tmp_path)
+  marked = loader.load_pyramid(image, marked_settings, tmp_path)
+  assert len(list(tmp_path.glob("c-*.npz"))) == 2
+  fine_plain, fine_marked = plain.volumes[1], marked.volumes[1]  # 64 mm of grid around a ~33 mm image
+  assert (fine_marked == -1).mean() > 0.3 and np.all(fine_plain >= 0)
+  np.testing.assert_allclose(fine_marked[fine_marked >= 0], fine_plain[fine_marked >= 0], atol=1e-3)
+  # the default leaves the key as it was before the field existed: caches of earlier runs stay valid
+  import dataclasses
+  import hashlib
+  import json
+  recipe = {k: v for k, v in dataclasses.asdict(settings).items() if k != "outside_value"}
+  payload = json.dumps({"image": loader._file_digest(image), "settings": recipe, "version": loader.CACHE_VERSION},
+                       sort_keys=True)
+  assert loader.cache_key(image, settings) == hashlib.sha256(payload.encode()).hexdigest()[:24]
+  assert loader.cache_key(image, marked_settings) != loader.cache_key(image, settings)
+
+
 def test_landmark_outside_its_image_is_reported(tmp_path):
   image = _image(tmp_path / "c.nii.gz")
   io.write_landmarks_csv(tmp_path / "c.csv", ["AC"], np.array([[100.0, 0.0, 0.0]]))
