@@ -34,6 +34,8 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # init: 9.4 s -> 2.5 s on the 2-core Xeon, docs/performance.md, "Test time"); it draws other bits, and no
 # test asserts a particular draw (the shipped model's reference values come from its saved parameters).
 os.environ["JAX_THREEFRY_PARTITIONABLE"] = "0"
+# No LLVM optimisation of the compiled code: tests run tiny arrays, so compiling is their cost, not running
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
