@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.intensity = "mr"  # "mr" (percentile scaling), "ct" (Hounsfield window) or "none"
   data.ct_window_hu = (-1000.0, 1000.0)
   # the model's input outside the image: 0 (as dark as air), or < 0 to mark where the image ends (a partial
-  # field of view is then visible to the model: docs/design.md, "Real scans"); needs data.intensity != "none"
+  # field of view is then visible to the model: docs/design.md, "Where the image ends"); needs data.intensity != "none"
   data.outside_value = 0.0
   data.spacings_mm = (4.0, 2.0, 1.0, 0.5)  # pyramid levels, coarse to fine, isotropic mm (paper)
   data.finest_size = 448  # finest grid size in voxels (448 x 0.5 mm = 224 mm field of view, paper)
