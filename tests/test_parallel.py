@@ -42,7 +42,8 @@ json.dump(out, sys.stdout)
 
 @pytest.mark.slow
 def test_the_data_parallel_step_equals_the_single_device_step():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "JAX_THREEFRY_PARTITIONABLE": "1"}  # JAX's default: the same random bits however a batch is sharded
   result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=helpers.ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
