@@ -80,6 +80,7 @@ def _corrupt(path: Path, source: Path) -> Path:
   return path
 
 
+@pytest.mark.slow  # reads the session's trained run (a train.py subprocess): the inner loop trains nothing
 def test_a_cohort_skips_what_is_written_and_a_bad_image_fails_alone(tiny_run, tmp_path):
   workdir, manifest, _ = tiny_run
   images = [manifest.parent / f"c{i}.nii.gz" for i in range(3)]
