@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   # to carry no signal (docs/results.md). Prediction reads presence from the image's field of view without it
   # (locnet_jax/eval/qc.py); with it, the learnt probability multiplies in
   model.presence = False
+  # what the presence logit reads: "mass" (above) or "image", its own small classifier of the coarsest volume
+  # (locnet_jax/model/locnet.py PresenceEncoder)
+  model.presence_from = "mass"
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)
   unet.base_channels = 16  # channels at full resolution

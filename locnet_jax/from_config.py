@@ -43,6 +43,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             stop_gradient=model_config.stop_gradient,
                             patch_groups=model_config.get("patch_groups", 0),  # absent from older runs' configs
                             presence=model_config.get("presence", False),
+                            presence_from=model_config.get("presence_from", "mass"),
                             coarse_unet={"depth": model_config.coarse_depth} if model_config.get("coarse_depth") else None,
                             coarse_com_kind=model_config.get("coarse_com_kind") or None)
   if model_config.kind not in MODEL_KINDS:
@@ -97,6 +98,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(coarse_depth, int) and coarse_depth >= 1 and levels[-1] % 2 ** coarse_depth == 0,
            "model.coarse_depth", coarse_depth, f"0, or an int >= 1 with the coarsest level ({levels[-1]} voxels) "
            "divisible by 2**coarse_depth")
+  if m.get("presence") and m.get("presence_from", "mass") == "image":
+    _require(levels[-1] % 8 == 0, "model.presence_from", "image",
+             f"a coarsest level divisible by 8 (its classifier pools 3 times), got {levels[-1]} voxels")
   if m.kind == "multiscale" and len(spacings) > 1:
     _require(isinstance(m.patch_size, int) and m.patch_size >= 1 and m.patch_size % factor == 0, "model.patch_size",
              m.patch_size, f"a positive multiple of 2**unet.depth = {factor}")

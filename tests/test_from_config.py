@@ -73,10 +73,13 @@ BAD_FIELDS = [
     ({"data.outside_value": -1.0, "data.intensity": "none"}, r"data.outside_value=-1.0: a marker needs normalised"),
     ({"model.coarse_depth": 6}, r"model.coarse_depth=6: .*coarsest level \(32 voxels\) divisible"),
     ({"model.coarse_com_kind": "max"}, r"model: coarse_com_kind must be one of"),
+    ({"model.presence": True, "model.presence_from": "heatmap"}, r"model: presence_from must be one of"),
+    ({"model.presence": True, "model.presence_from": "image", "data.finest_size": 48},
+     r"model.presence_from='image': a coarsest level divisible by 8 .* got 12 voxels"),
 ]
 
 
-@pytest.mark.parametrize("changes, message", BAD_FIELDS, ids=[next(iter(c)) for c, _ in BAD_FIELDS])
+@pytest.mark.parametrize("changes, message", BAD_FIELDS, ids=[list(c)[-1] for c, _ in BAD_FIELDS])
 def test_every_field_is_checked_before_any_work(changes, message):
   from configs import multiscale
   config = multiscale.get_config("demo")

@@ -18,7 +18,9 @@ import numpy as np
 
 from locnet_jax import geometry
 from locnet_jax.model import ops
-from locnet_jax.model.unet import UNet3D
+from locnet_jax.model.unet import UNet3D, resolve_conv_impl
+
+PRESENCE_FROM = ("mass", "image")  # what a presence logit reads (MultiScaleLocNet.presence_from)
 
 
 def batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
@@ -136,7 +138,9 @@ class MultiScaleLocNet(nn.Module):
     stop_gradient: cut gradients between scales (the paper's multi-step baseline).
     patch_groups: the finer scales' patches go through their U-Net in this many independent calls
       (`resolve_patch_groups`; 0: auto, by backend): speed only, the same function and parameters.
-    presence: also output "presence_logit" (B, K), whether each landmark is in the image (`Presence`).
+    presence: also output "presence_logit" (B, K), whether each landmark is in the image.
+    presence_from: what the presence logit reads (`PRESENCE_FROM`): "mass", the scales' heatmap masses
+      (`Presence`); "image", its own small classifier of the coarsest volume (`PresenceEncoder`).
     coarse_unet: overrides of `unet` for scale 0 (e.g. a deeper U-Net, whose receptive field spans the
       whole field of view: it must place landmarks the image cuts away); None: `unet`.
     coarse_com_kind: scale 0's centre-of-mass kind; None: `com_kind`.
@@ -151,6 +155,7 @@ class MultiScaleLocNet(nn.Module):
   stop_gradient: bool = False
   patch_groups: int = 0
   presence: bool = False
+  presence_from: str = "mass"
   coarse_unet: Mapping[str, Any] | None = None
   coarse_com_kind: str | None = None
 
@@ -163,6 +168,8 @@ class MultiScaleLocNet(nn.Module):
     for name, kind in (("com_kind", self.com_kind), ("coarse_com_kind", self.coarse_com_kind or self.com_kind)):
       if kind not in ops.CENTER_OF_MASS_KINDS:
         raise ValueError(f"{name} must be one of {ops.CENTER_OF_MASS_KINDS}, got {kind!r}")
+    if self.presence_from not in PRESENCE_FROM:
+      raise ValueError(f"presence_from must be one of {PRESENCE_FROM}, got {self.presence_from!r}")
     if not self.noise_mm >= 0:
       raise ValueError(f"noise_mm must be >= 0, got {self.noise_mm!r}")
     resolve_patch_groups(self.patch_groups, 1)
@@ -220,7 +227,10 @@ class MultiScaleLocNet(nn.Module):
       pred_mm.append(pred)
       center_mm.append(center)
     out = {}
-    if self.presence:
+    if self.presence and self.presence_from == "image":
+      out["presence_logit"] = PresenceEncoder(self.num_landmarks, conv_impl=(self.unet or {}).get(
+          "conv_impl", "auto"), name="presence")(volumes[0])
+    elif self.presence:
       out["presence_logit"] = Presence(self.num_landmarks, name="presence")(jnp.stack(masses, axis=1))
     if num_samples is not None:
       sampled = pred_mm[-1].reshape(batch, num_samples, k_count, 3)
@@ -261,6 +271,41 @@ class Presence(nn.Module):
     weight = self.param("weight", nn.initializers.constant(1.0 / num_scales), (num_scales, self.num_landmarks))
     bias = self.param("bias", nn.initializers.constant(4.0), (self.num_landmarks,))
     return jnp.sum(log_masses * weight, axis=1) + bias
+
+
+class PresenceEncoder(nn.Module):
+  """Whether each landmark is in the image, read from the image itself: coarsest volume (B, X, Y, Z) ->
+  (B, K) logits.
+
+  A small classifier (per level: 3x3x3 convolution, instance norm, ReLU, 2x2x2 max-pool; then the mean and
+  the maximum over space, one hidden layer, K logits) with its own parameters, so its loss moves no
+  coordinate. Why a separate reader: which landmarks a slab holds is a question about the whole image
+  (which part of the head is this?), and neither the heatmaps' mass nor the coarse point answered it
+  (docs/results.md, "Presence"). The bias starts at `bias_init` (most landmarks are present). Every
+  spatial size must be divisible by ``2 ** len(channels)``.
+  """
+
+  num_landmarks: int
+  channels: tuple[int, ...] = (8, 16, 32)
+  hidden: int = 64
+  bias_init: float = 3.0
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, volume: jax.Array) -> jax.Array:
+    if volume.ndim != 4 or any(n % 2 ** len(self.channels) for n in volume.shape[1:]):
+      raise ValueError(f"PresenceEncoder input must be (B, X, Y, Z) with sizes divisible by "
+                       f"{2 ** len(self.channels)}, got {volume.shape}")
+    as_2d = resolve_conv_impl(self.conv_impl) == "as_2d"
+    x = volume[..., None].astype(jnp.float32)
+    for level, features in enumerate(self.channels):
+      x = nn.Conv(features, (3, 3, 3), padding="SAME", name=f"conv{level}",
+                  conv_general_dilated=ops.conv_general_dilated_as_2d if as_2d else None)(x)
+      x = nn.relu(nn.GroupNorm(num_groups=None, group_size=1, name=f"norm{level}")(x))
+      x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+    x = jnp.concatenate([jnp.mean(x, axis=(1, 2, 3)), jnp.max(x, axis=(1, 2, 3))], axis=-1)
+    x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+    return nn.Dense(self.num_landmarks, name="logit", bias_init=nn.initializers.constant(self.bias_init))(x)
 
 
 def noise_shifts_mm(key: jax.Array, shape, *, radius_mm: float, num_samples: int | None = None) -> jax.Array:

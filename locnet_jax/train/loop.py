@@ -235,7 +235,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
     for epoch in range(first_epoch, epochs):
       start = time.perf_counter()
       weights, trainable = schedule(config.train, epoch, num_scales=num_scales)
-      epoch_loss = []
+      epoch_loss, epoch_bce = [], []
 
       def consume(metrics, index, at_step):  # reads a step's metrics one step late: the device stays busy
         loss = float(metrics["loss"])
@@ -246,6 +246,8 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
               + (f"The last good checkpoint is {last}; " if last else "No checkpoint was saved yet; ")
               + "lower train.learning_rate or check the data, and use a new --workdir")
         epoch_loss.append(loss)
+        if "presence_bce" in metrics:
+          epoch_bce.append(float(metrics["presence_bce"]))
         metrics_log.scalars(at_step, {"train/step_loss": loss})
         progress.step(epoch=epoch, step_in_epoch=index + 1, loss=loss)
 
@@ -272,6 +274,8 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
                 "loss_weights": [round(float(w), 4) for w in np.asarray(weights)],
                 "val_error_mm": [round(float(e), 4) for e in val_error], "best": is_best,
                 "epoch_s": round(time.perf_counter() - start, 2)}
+      if epoch_bce:  # how well the presence output fits the training crops
+        record["train_presence_bce"] = round(float(np.mean(epoch_bce)), 4)
       if trainable is not None:
         record["trainable"] = np.asarray(trainable).astype(int).tolist()
       meta = {"record": record, "step": step, "best_val_error_mm": best_error, "best_epoch": best_epoch,
@@ -279,7 +283,8 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       checkpoints.save(epoch + 1, state, meta, is_best=is_best)
       metrics_log.epoch(record)
       errors = " / ".join(f"{e:.2f}" for e in record["val_error_mm"])
-      progress.epoch_line(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.2f}  val error (coarse to "
+      bce = f"  presence BCE {record['train_presence_bce']:.3f}" if epoch_bce else ""
+      progress.epoch_line(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.2f}{bce}  val error (coarse to "
                           f"fine) {errors} mm{'  *best' if is_best else ''}  {record['epoch_s']:.0f} s",
                           val_error_mm=finest)
   return meta

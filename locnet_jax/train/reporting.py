@@ -110,6 +110,8 @@ class MetricsLog:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     scalars = {"train/loss": record["train_loss"], "train/epoch_seconds": record["epoch_s"]}
+    if "train_presence_bce" in record:
+      scalars["train/presence_bce"] = record["train_presence_bce"]
     for s, (error, weight) in enumerate(zip(record["val_error_mm"], record["loss_weights"])):
       scalars[f"val/error_mm_scale{s}"] = error
       scalars[f"loss_weight/scale{s}"] = weight

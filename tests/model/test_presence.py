@@ -1,5 +1,6 @@
 """Presence: read from where the model places a landmark against the image's field of view (trained with
-cut-away positions kept), or learnt from the heatmaps' mass; it says which landmarks an image holds."""
+cut-away positions kept), or learnt (from the heatmaps' mass, or by a classifier of the coarsest volume); it
+says which landmarks an image holds."""
 
 import functools
 
@@ -11,7 +12,7 @@ import pytest
 
 from locnet_jax.eval import qc
 from locnet_jax.model import losses
-from locnet_jax.model.locnet import MultiScaleLocNet
+from locnet_jax.model.locnet import MultiScaleLocNet, PresenceEncoder
 from locnet_jax.train import steps
 from tests import helpers
 
@@ -71,6 +72,36 @@ def test_presence_learns_that_a_landmark_was_cropped_away():
   assert np.all(probability[[1, 3], 1] < 0.2), probability
 
 
+def test_the_image_reader_learns_which_landmark_a_crop_cut_away():
+  """`PresenceEncoder` alone, trained on the coarsest volumes of whole and cropped images (the second blob cut
+  away half the time), calls the second blob absent on new cropped images only, and the first present always."""
+  rng = np.random.default_rng(2)
+  reader = PresenceEncoder(2, channels=(4, 8, 8), hidden=16)
+  train = [_case(rng, crop_second=i % 2 == 1) for i in range(8)]
+  volumes = jnp.stack([c[0][0] for c in train])  # (8, 8, 8, 8): the 4 mm level
+  present = jnp.asarray(np.stack([c[3] for c in train]), jnp.float32)
+  params = reader.init(jax.random.key(0), volumes)["params"]
+  optimizer = optax.adam(3e-3)
+  loss = lambda p: losses.presence_loss(reader.apply({"params": p}, volumes), present)  # noqa: E731
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(loss)(params)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = optimizer.init(params)
+  for _ in range(100):
+    params, opt_state = step(params, opt_state)
+  crops = (False, True, False, True, True, False)
+  test = [_case(rng, crop_second=crop) for crop in crops]
+  probability = np.asarray(jax.nn.sigmoid(reader.apply({"params": params}, jnp.stack([c[0][0] for c in test]))))
+  assert np.all(probability[:, 0] > 0.8), probability
+  np.testing.assert_array_equal(probability[:, 1] < 0.5, crops)
+  with pytest.raises(ValueError, match=r"sizes divisible by 8, got \(8, 12, 12, 12\)"):
+    reader.init(jax.random.key(0), jnp.zeros((8, 12, 12, 12)))
+
+
 def test_presence_loss_is_the_cross_entropy_of_known_entries_only():
   logit = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
   present = jnp.array([[1.0, 0.0, jnp.nan], [jnp.nan, 1.0, 0.0]])
@@ -102,6 +133,18 @@ def test_presence_is_opt_in_and_leaves_the_coordinates_alone():
       with_presence.apply({"params": p}, volumes, affines)["presence_logit"], present))(params)
   for scale in ("scale0", "scale1"):
     assert float(optax.tree.norm(grads[scale])) > 0, scale
+  # read from the image instead: its own parameters, and its loss moves no coordinate
+  from_image = plain.clone(presence=True, presence_from="image")
+  params = from_image.init(jax.random.key(0), volumes, affines)["params"]
+  assert set(params["presence"]) >= {"conv0", "hidden", "logit"}
+  np.testing.assert_array_equal(from_image.apply({"params": params}, volumes, affines)["pred_mm"],
+                                plain.apply({"params": {k: params[k] for k in ("scale0", "scale1")}}, volumes,
+                                            affines)["pred_mm"])
+  grads = jax.grad(lambda p: losses.presence_loss(
+      from_image.apply({"params": p}, volumes, affines)["presence_logit"], present))(params)
+  assert float(optax.tree.norm(grads["presence"])) > 0
+  for scale in ("scale0", "scale1"):
+    assert float(optax.tree.norm(grads[scale])) == 0, scale
 
 
 @pytest.mark.slow  # trains a tiny model: over 25 s on 2 cores

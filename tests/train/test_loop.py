@@ -1,5 +1,6 @@
 """Runs as a user has them: reproducible, resumable after a kill, stopped cleanly by a NaN, every Table-1 config."""
 
+import json
 import shutil
 
 import jax
@@ -255,6 +256,8 @@ def test_a_run_can_start_from_an_exported_model(tmp_path):
   assert set(params) == {*source, "presence"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), {k: params[k] for k in source}, source)
   assert any("starting from" in line and "presence/bias" in line for line in logs)
+  records = [json.loads(line) for run in "ab" for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+  assert "train_presence_bce" not in records[0] and 0 < records[1]["train_presence_bce"] < 10  # logged with presence
 
 
 def test_the_flat_schedule_weighs_every_scale_one_in_every_epoch():
