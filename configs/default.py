@@ -82,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.learning_rate = 5e-4  # Adam (paper: 5e-4)
   train.lr_schedule = "constant"  # "constant" (paper) or "cosine" (from learning_rate down to 0 over the run)
   # fine-tuning: an exported model folder (export_model.py) whose parameters start the run; what it lacks
-  # (e.g. the presence output) starts from the seed's init. Read only when the workdir is new.
+  # (e.g. the presence output) starts from the seed's init. Several, comma-separated: each gives the
+  # parameters the ones before it lacked (e.g. "a_model,a_presence_reader"). Read only when the workdir is new.
   train.init_from = ""
   train.batch_size = 1  # volumes per step (paper: 1)
   # "paper": all scales together, weights scheduled per epoch (losses.loss_weights); "multistep": one

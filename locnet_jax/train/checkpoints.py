@@ -183,14 +183,15 @@ def load_exported(directory: str | Path, target_params) -> tuple[Any, dict]:
   return params, json.loads((directory / EXPORT_META).read_text())
 
 
-def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...]) -> tuple[Any, list[str]]:
+def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...], only=None) -> tuple[Any, list[str]]:
   """Fine-tuning's start: `params` (a fresh init) with every leaf the exported model folder `source`
   holds at the same path taken from it; returns (parameters, paths kept from the init).
 
   Leaves the model has and the source lacks (e.g. a presence output added to a model trained without
   one) keep their init; the source's `landmarks` must equal the run's (the heatmap channels are landmarks,
-  in order). A leaf of another shape, a source that is not an exported folder, or no leaf in common is a
-  `io.DataError` naming `source`.
+  in order). `only` (a set of "a/b/c" paths; None: all) limits what is taken, so several sources can fill
+  one model in turn (each the leaves the ones before it lacked). A leaf of another shape, a source that is
+  not an exported folder, or nothing to take is a `io.DataError` naming `source`.
   """
   source = Path(source).absolute()
   if not is_exported(source):
@@ -206,11 +207,14 @@ def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...]) -> tup
     if tuple(saved[path].shape) != tuple(fresh[path].shape):
       raise io.DataError(source, f"parameter {path} has shape {tuple(saved[path].shape)}, the model "
                                  f"{tuple(fresh[path].shape)} (another model size in the config?)")
-  if not set(saved) & set(fresh):
-    raise io.DataError(source, "no parameter in common with the model the config describes")
   unused = sorted(set(saved) - set(fresh))
   if unused:
     raise io.DataError(source, f"parameters the model the config describes lacks: {', '.join(unused[:4])}")
-  merged = {path: (jax.numpy.asarray(saved[path], fresh[path].dtype) if path in saved else value)
+  taken = set(saved) & set(fresh) & (set(fresh) if only is None else set(only))
+  if not taken:
+    raise io.DataError(source, "no parameter in common with the model the config describes"
+                       + ("" if only is None else " that an earlier source did not give"))
+  merged = {path: (jax.numpy.asarray(saved[path], fresh[path].dtype) if path in taken else value)
             for path, value in fresh.items()}
-  return traverse_util.unflatten_dict(merged, sep="/"), sorted(set(fresh) - set(saved))
+  kept = set(fresh) - taken if only is None else set(only) - taken
+  return traverse_util.unflatten_dict(merged, sep="/"), sorted(kept)

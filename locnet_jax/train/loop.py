@@ -161,9 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                             total_steps=config.train.num_epochs * (
                                                 len(data.train) // config.train.batch_size)))
     if saved is None and config.train.init_from:
-      params, fresh = checkpoints_lib.warm_start(state.params, config.train.init_from, landmarks=data.names)
+      params, fresh = state.params, None
+      for source in init_sources(config.train.init_from):  # each fills what the ones before it lacked
+        params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh)
+        log(f"starting from {source}" + (f" (new: {', '.join(fresh)})" if fresh else ""))
       state = state.replace(params=params)
-      log(f"starting from {config.train.init_from}" + (f" (new: {', '.join(fresh)})" if fresh else ""))
     state = parallel.replicate(state, mesh)
     first_epoch, step, meta = 0, 0, None
     if saved is not None:
@@ -189,6 +191,11 @@ def choose_data_on(value: str, *, host_augment: bool, backend: str, processes: i
   if host_augment or backend == "cpu" or processes > 1 or not bytes_limit:
     return "host"
   return "device" if need_bytes() <= RESIDENT_SHARE * bytes_limit else "host"
+
+
+def init_sources(init_from: str) -> list[str]:
+  """`train.init_from`'s exported model folders, comma-separated, in order."""
+  return [part.strip() for part in init_from.split(",") if part.strip()]
 
 
 def _training_batches(config, data: Data, *, mesh, host_augment, log):

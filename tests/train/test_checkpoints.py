@@ -35,9 +35,9 @@ def test_a_workdir_lock_names_its_holder_and_is_taken_over_when_the_holder_died(
                     "which is no longer running"]
 
 
-def _init_params(model, seed: int):
+def _init_params(model, seed: int, sizes=(4, 8)):
   from tests import helpers
-  volumes, affines = helpers.random_pyramid(sizes=(4, 8), spacings=(8.0, 4.0))
+  volumes, affines = helpers.random_pyramid(sizes=sizes, spacings=(8.0, 4.0)[:len(sizes)])
   return model.init(jax.random.key(seed), volumes, affines)["params"]
 
 
@@ -55,6 +55,31 @@ def test_warm_start_takes_every_leaf_the_source_has_and_keeps_the_new_ones(tmp_p
   for name in source:  # every scale's U-Net comes from the source, not from the fresh init
     jax.tree.map(np.testing.assert_array_equal, started[name], source[name])
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh["scale0"]), jax.tree.leaves(source["scale0"])))
+
+
+def test_two_sources_fill_one_model_in_turn(tmp_path):
+  """A localiser and a presence reader trained apart: the first gives every leaf it has, the second only what
+  the first lacked (its own scale 0 is ignored), and a second source with nothing left to give is refused."""
+  from locnet_jax.model import locnet
+  unet = {"depth": 1, "base_channels": 2}
+  two_scales = locnet.MultiScaleLocNet(2, num_scales=2, unet=unet, patch_shape=(4, 4, 4))
+  reader = locnet.MultiScaleLocNet(2, num_scales=1, unet=unet, presence=True, presence_from="image")
+  localiser, presence = _init_params(two_scales, seed=1), _init_params(reader, seed=3, sizes=(8,))
+  checkpoints.export_model(tmp_path / "loc", localiser, {"landmarks": ["A", "B"]})
+  checkpoints.export_model(tmp_path / "pres", presence, {"landmarks": ["A", "B"]})
+  fresh = _init_params(two_scales.clone(presence=True, presence_from="image"), seed=2, sizes=(8, 16))
+  started, new = checkpoints.warm_start(fresh, tmp_path / "loc", landmarks=("A", "B"))
+  assert new and all(path.startswith("presence/") for path in new)
+  started, new = checkpoints.warm_start(started, tmp_path / "pres", landmarks=("A", "B"), only=new)
+  assert new == []
+  for name in ("scale0", "scale1"):
+    jax.tree.map(np.testing.assert_array_equal, started[name], localiser[name])
+  jax.tree.map(np.testing.assert_array_equal, started["presence"], presence["presence"])
+  with pytest.raises(io.DataError, match="that an earlier source did not give"):
+    checkpoints.warm_start(started, tmp_path / "pres", landmarks=("A", "B"), only=[])
+  from locnet_jax.train import loop
+  assert loop.init_sources(f" {tmp_path / 'loc'}, {tmp_path / 'pres'} ,") == [str(tmp_path / "loc"),
+                                                                             str(tmp_path / "pres")]
 
 
 def test_warm_start_refuses_what_does_not_fit(tmp_path):
