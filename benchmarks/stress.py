@@ -65,17 +65,24 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
         depth = (np.full((len(record["pred_mm"]), len(mi)), np.nan) if example.grid is None else  # (S, L) mm
                  geometry.depth_in_grid_mm(np.asarray(record["pred_mm"])[:, mi], *example.grid))
         pooled.append((errors, np.array(case.get("status", ["ok"] * len(mi))), example.presence()[di], presence,
-                       depth.T))
+                       depth.T, np.full(len(mi), name)))
     log(f"{folder.name} {name}: {results['overall'].get('mean_mm', float('nan')):.2f} mm mean over "
         f"{results['overall']['count']} points ({results['wall_s']} s)")
   if pooled:
-    errors, status, present, presence, depth = (np.concatenate(parts) for parts in zip(*pooled))
+    errors, status, present, presence, depth, set_name = (np.concatenate(parts) for parts in zip(*pooled))
     out["all stress sets"] = {"overall": metrics.summarize_errors(errors[np.isfinite(errors)]),
                               "qc": qc.summarize(errors, status, present)}
     if np.isfinite(presence).any():  # how well presence separates: quantiles per truth
       out["all stress sets"]["presence_p10_p50_p90"] = {"absent": _quantiles(presence[present == 0]),
                                                         "present": _quantiles(presence[present == 1])}
       log(f"{folder.name} presence p10/p50/p90: {out['all stress sets']['presence_p10_p50_p90']}")
+      below = presence < qc.ABSENT_BELOW  # presence alone, whatever QC the model carries
+      whole = (present == 1) & (set_name != "slab")
+      out["all stress sets"]["presence_alone"] = separation = {
+          "absent_recall": _share(below, present == 0), "false_absent_in_slabs": _share(below, (present == 1) & ~whole),
+          "false_absent_whole_heads": _share(below, whole), "auc": _auc(presence[present == 0], presence[present == 1]),
+          "auc_in_slabs": _auc(presence[present == 0], presence[(present == 1) & ~whole])}
+      log(f"{folder.name} presence below {qc.ABSENT_BELOW} alone: {separation}")
     # which scale's point to read against the field of view (qc.PRESENCE_SCALE): outside the grid = absent
     by_scale = {f"scale{s}": {"absent_recall": _share(depth[:, s] < 0, present == 0),
                               "false_absent_rate": _share(depth[:, s] < 0, present == 1),
@@ -86,6 +93,14 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
     for name, figures in by_scale.items():
       log(f"{folder.name} {name} outside the grid: {figures}")
   return out
+
+
+def _auc(absent: np.ndarray, present: np.ndarray) -> float | None:
+  """Probability that a present landmark gets a higher presence than an absent one (ties count half)."""
+  absent, present = absent[np.isfinite(absent)], present[np.isfinite(present)]
+  if not len(absent) or not len(present):
+    return None
+  return round(float(np.mean((present[:, None] > absent[None]) + 0.5 * (present[:, None] == absent[None]))), 4)
 
 
 def _share(hit: np.ndarray, of: np.ndarray) -> float | None:

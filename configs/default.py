@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (locnet_jax/eval/qc.py); with it, the learnt probability multiplies in
   model.presence = False
   # what the presence logit reads: "mass" (above) or "image", its own small classifier of the coarsest volume
-  # (locnet_jax/model/locnet.py PresenceEncoder)
+  # (locnet_jax/model/locnet.py PresenceEncoder; measured: it tells a partial image from a whole head, not
+  # which landmarks a slab holds, docs/results.md)
   model.presence_from = "mass"
   model.unet = unet = ml_collections.ConfigDict()
   unet.depth = 2  # down-samplings per U-Net (input sizes must be divisible by 2**depth)

@@ -6,8 +6,10 @@ in the image is ``sigmoid(depth_mm / PRESENCE_SOFTNESS_MM)``, where ``depth_mm``
 `PRESENCE_SCALE`'s prediction lies inside the image's voxel grid (`geometry.depth_in_grid_mm`: negative
 outside), times the model's learnt presence output where it has one. Why: a model trained on field-of-view
 crops learns where a cut-away landmark lies beyond the image's edge (the augmentation keeps its position
-as a target), so a prediction outside the grid says the landmark is not in the image. The learnt output
-from the heatmaps' mass (`model.locnet.Presence`) was measured to carry no signal (docs/results.md).
+as a target), so a prediction outside the grid says the landmark is not in the image. Of the learnt
+outputs, the heatmaps' mass (`model.locnet.Presence`) carried no signal and a classifier of the coarsest
+volume (`model.locnet.PresenceEncoder`) tells partial images from whole heads, not which landmarks a slab
+holds (docs/results.md, "Presence").
 
 - absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates);
 - uncertain: presence below `uncertain_below`, or the largest semi-axis of the calibrated 90 % confidence
