@@ -22,6 +22,9 @@ Variants (the sizes; every other Table-1 config derives from these):
                   (docs/results.md, "Real-scan stress sets")
   "afids6_real_ft" the same variation, fine-tuning pretrained/afids6 for 15 epochs (flat loss weights,
                   cosine learning rate): measured worse on another contrast (docs/results.md)
+  "afids32"       all 32 AFIDs at 1 mm: 4 scales at 8, 4, 2, 1 mm over 256 mm (32^3 to 256^3), 24^3 patches,
+                  8 base channels, 50 epochs of the afids6 recipe, its own benchmark in data/afids32 (the first
+                  stage of the cohort model; resumable: rerun the same command)
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
                   tests and a smoke run).
 
@@ -31,23 +34,29 @@ Measured figures (training time, errors, uncertainty): docs/results.md; speed: d
 import ml_collections
 
 from configs import default
+from locnet_jax.data import afids
 
-VARIANTS = ("", "demo", "afids6", "afids6_real", "afids6_real_ft", "synthetic_demo")
+VARIANTS = ("", "demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "synthetic_demo")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(repr(v) for v in VARIANTS)})")
   config = default.get_config()
-  if variant in ("demo", "afids6", "afids6_real", "afids6_real_ft", "synthetic_demo"):
+  if variant in ("demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "synthetic_demo"):
     config.data.spacings_mm = (8.0, 4.0, 2.0)
     config.data.finest_size = 128
     config.model.patch_size = 24
     config.model.unet.base_channels = 8
     config.train.num_epochs = 15
     config.train.learning_rate = 1e-3
-  if variant in ("afids6", "afids6_real", "afids6_real_ft"):
+  if variant in ("afids6", "afids6_real", "afids6_real_ft", "afids32"):
     config.train.num_epochs = 50
+  if variant == "afids32":  # one more level: 1 mm, the raters' resolution
+    config.data.spacings_mm = (8.0, 4.0, 2.0, 1.0)
+    config.data.finest_size = 256
+    config.data.afids_dir = "data/afids32"
+    config.data.afids_landmarks = ",".join(afids.AFID_NAMES)
   if variant in ("afids6_real", "afids6_real_ft"):
     use_real_scan_variation(config)
   if variant == "afids6_real":  # from scratch: the learning rate falls to 0 over the run (converges at the end);

@@ -7,7 +7,7 @@ import pytest
 
 from configs import heatmap_unet, multiscale, multistep, no_noise, single_scale
 from locnet_jax import from_config
-from locnet_jax.data import loader
+from locnet_jax.data import afids, loader
 from locnet_jax.train import loop, steps
 
 
@@ -27,7 +27,10 @@ def test_configs_build_their_models():
   assert tuned.train.augmentation.fov_probability == scratch.train.augmentation.fov_probability > 0
   assert scratch.train.augmentation.fov_min_mm < tuned.train.augmentation.fov_min_mm
   assert not tuned.model.presence and not scratch.model.presence  # presence from the field of view (eval/qc.py)
-  for config in (tuned, scratch, paper):
+  every = multiscale.get_config("afids32")
+  assert tuple(every.data.spacings_mm) == (8.0, 4.0, 2.0, 1.0) and every.data.finest_size == 256  # 256 mm at 1 mm
+  assert from_config.landmark_names(every.data) == afids.AFID_NAMES and every.data.afids_dir != paper.data.afids_dir
+  for config in (tuned, scratch, paper, every):
     from_config.validate(config)
 
 
