@@ -17,7 +17,7 @@ import numpy as np
 
 from locnet_jax import dataset, io, parallel
 from locnet_jax.data import afids, augment_host, loader, preprocess, synthetic
-from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, single_scale_locnet
+from locnet_jax.model.locnet import HeatmapUNet, MultiScaleLocNet, PresenceEncoder, single_scale_locnet
 from locnet_jax.model.unet import UNet3D
 
 MODEL_KINDS = ("multiscale", "single_scale", "heatmap")
@@ -99,8 +99,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "model.coarse_depth", coarse_depth, f"0, or an int >= 1 with the coarsest level ({levels[-1]} voxels) "
            "divisible by 2**coarse_depth")
   if m.get("presence") and m.get("presence_from", "mass") == "image":
-    _require(levels[-1] % 8 == 0, "model.presence_from", "image",
-             f"a coarsest level divisible by 8 (its classifier pools 3 times), got {levels[-1]} voxels")
+    pooled = 2 ** len(PresenceEncoder.channels)  # its classifier halves the grid once per level
+    _require(levels[-1] % pooled == 0, "model.presence_from", "image",
+             f"a coarsest level divisible by {pooled}, got {levels[-1]} voxels")
   if m.kind == "multiscale" and len(spacings) > 1:
     _require(isinstance(m.patch_size, int) and m.patch_size >= 1 and m.patch_size % factor == 0, "model.patch_size",
              m.patch_size, f"a positive multiple of 2**unet.depth = {factor}")

@@ -75,7 +75,7 @@ BAD_FIELDS = [
     ({"model.coarse_com_kind": "max"}, r"model: coarse_com_kind must be one of"),
     ({"model.presence": True, "model.presence_from": "heatmap"}, r"model: presence_from must be one of"),
     ({"model.presence": True, "model.presence_from": "image", "data.finest_size": 48},
-     r"model.presence_from='image': a coarsest level divisible by 8 .* got 12 voxels"),
+     r"model.presence_from='image': a coarsest level divisible by 8, got 12 voxels"),
 ]
 
 

@@ -210,11 +210,10 @@ def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...], only=N
   unused = sorted(set(saved) - set(fresh))
   if unused:
     raise io.DataError(source, f"parameters the model the config describes lacks: {', '.join(unused[:4])}")
-  taken = set(saved) & set(fresh) & (set(fresh) if only is None else set(only))
+  taken = set(saved) & set(fresh) if only is None else set(saved) & set(only)
   if not taken:
     raise io.DataError(source, "no parameter in common with the model the config describes"
                        + ("" if only is None else " that an earlier source did not give"))
   merged = {path: (jax.numpy.asarray(saved[path], fresh[path].dtype) if path in taken else value)
             for path, value in fresh.items()}
-  kept = set(fresh) - taken if only is None else set(only) - taken
-  return traverse_util.unflatten_dict(merged, sep="/"), sorted(kept)
+  return traverse_util.unflatten_dict(merged, sep="/"), sorted((set(fresh) if only is None else set(only)) - taken)
