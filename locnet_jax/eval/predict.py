@@ -7,6 +7,7 @@ input or a model folder), and only the files of the predicted cases are written,
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 import zlib
@@ -162,7 +163,8 @@ class CohortResult:
 
 
 def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_csv: str | None = "predictions.csv",
-                 num_samples: int | None = None, overwrite: bool = False, on_case=None) -> CohortResult:
+                 num_samples: int | None = None, overwrite: bool = False, on_case=None,
+                 prefetch: bool = True) -> CohortResult:
   """Predicts `jobs` (`cohort.py`) one image at a time with one compilation, the model in `workdir` (a run's
   best checkpoint or an exported model folder, which carries its config and QC thresholds).
 
@@ -170,7 +172,9 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
   `failed` and the others go on. `out` is checked (`outputs.py` rules) before any work; `summary_csv`
   (a name in `out`, or None) gathers the CSV rows of every done job, written when there is one.
   `on_case(done, total, record_or_failure)` is called after each image (a progress bar). A case's noise is
-  keyed by its id (`case_key`), so shards and reruns give the same numbers.
+  keyed by its id (`case_key`), so shards and reruns give the same numbers. With `prefetch` the next image
+  is read and preprocessed while the model runs on the current one (`_read_ahead`); the records are the
+  same either way, and a record's "load_s" is its own reading time, overlapped or not.
   """
   workdir = Path(workdir)
   if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 0):
@@ -187,17 +191,12 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
   todo = [job for job, done in zip(jobs, done_before) if not done]
   result = CohortResult([], [job for job, done in zip(jobs, done_before) if done], [], None)
   predictor = None
-  for n, job in enumerate(todo):
-    start = time.perf_counter()
-    try:
-      example = loader.Example(job.case_id, loader.compute_pyramid(job.image, settings), np.zeros((0, 3)),
-                               grid=io.load_grid(job.image))
-    except io.DataError as error:
-      result.failed.append((Path(error.path), error.problem))
+  for n, (job, example, load_s) in enumerate(_read_ahead(todo, settings, prefetch=prefetch)):
+    if isinstance(example, io.DataError):
+      result.failed.append((Path(example.path), example.problem))
       if on_case is not None:
         on_case(n + 1, len(todo), result.failed[-1])
       continue
-    load_s = time.perf_counter() - start
     if predictor is None:
       outputs.prepare_output_folder(out, inputs=images, runs=[workdir])
       trained = restore.restore(config, workdir, example=example)
@@ -215,6 +214,33 @@ def predict_jobs(workdir: Path, jobs: list[cohort.Job], *, out: Path, summary_cs
   if summary_csv and done and (result.predicted or not (Path(out) / summary_csv).is_file()):
     io.atomic_write(Path(out) / summary_csv, _gather_csv([job.files["csv"] for job in done]))
   return result
+
+
+def _read_job(job: cohort.Job, settings) -> tuple[cohort.Job, loader.Example | io.DataError, float]:
+  """(job, its image read and preprocessed, or the `DataError` that stopped it, seconds taken)."""
+  start = time.perf_counter()
+  try:
+    example = loader.Example(job.case_id, loader.compute_pyramid(job.image, settings), np.zeros((0, 3)),
+                             grid=io.load_grid(job.image))
+  except io.DataError as error:
+    example = error
+  return job, example, time.perf_counter() - start
+
+
+def _read_ahead(jobs: list[cohort.Job], settings, *, prefetch: bool):
+  """`_read_job` of each job in order; with `prefetch`, the next image is read in a background thread
+  while the caller predicts the current one (the model releases the GIL while XLA runs; one image ahead, so
+  at most two pyramids are in memory)."""
+  if not prefetch or len(jobs) < 2:
+    yield from (_read_job(job, settings) for job in jobs)
+    return
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="locnet-read") as pool:
+    pending = pool.submit(_read_job, jobs[0], settings)
+    for n in range(len(jobs)):
+      done = pending.result()
+      if n + 1 < len(jobs):
+        pending = pool.submit(_read_job, jobs[n + 1], settings)
+      yield done
 
 
 def _gather_csv(paths: list[Path]) -> str:

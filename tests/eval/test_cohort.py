@@ -106,6 +106,13 @@ def test_a_cohort_skips_what_is_written_and_a_bad_image_fails_alone(tiny_run, tm
   alone = predict.predict_jobs(workdir, cohort.plain_jobs([images[1]], tmp_path / "alone"), out=tmp_path / "alone",
                                num_samples=2)
   np.testing.assert_allclose(alone.predicted[0]["mean_mm"], first.predicted[1]["mean_mm"], atol=1e-5)
+  # reading the next image while the model runs (the default, above) changes nothing: read in turn, the
+  # same cases, the same numbers, the same failure
+  serial = predict.predict_jobs(workdir, cohort.plain_jobs([images[0], bad, images[1]], tmp_path / "serial"),
+                                out=tmp_path / "serial", num_samples=2, prefetch=False)
+  assert [p["case_id"] for p in serial.predicted] == ["c0", "c1"] and serial.failed == first.failed
+  for a, b in zip(serial.predicted, first.predicted):
+    np.testing.assert_array_equal(a["mean_mm"], b["mean_mm"])
 
 
 @pytest.mark.slow  # predict.py subprocesses
