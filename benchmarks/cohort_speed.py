@@ -1,11 +1,12 @@
 """predict.py's speed over a cohort: per image, reading + preprocessing, the model, writing; the one-time
 compilation; images per minute; with the paper's 50 noise passes and without (one deterministic pass).
 
-    python benchmarks/cohort_speed.py [--model pretrained/afids6] [--num-images 20] [--samples 50,0]
+    python benchmarks/cohort_speed.py [--model pretrained/afids6] [--num-images 20] [--samples 50,0] [--prefetch on,off]
 
 The cohort is the AFIDs test split's images (built by train.py in data/afids), repeated under new names up to
 --num-images (each is read and preprocessed again: nothing is cached between images). Runs in this process
-through `predict.predict_jobs`, exactly as predict.py does (one compilation, then image after image). Prints
+through `predict.predict_jobs`, exactly as predict.py does (one compilation, then image after image; with
+prefetch "on", predict.py's default, the next image is read while the model runs, "off" reads in turn). Prints
 the medians and the wall time of the whole cohort after compilation; run it alone (nothing else on the CPU).
 """
 
@@ -58,6 +59,7 @@ def main() -> None:
   parser.add_argument("--afids", default=str(ROOT / "data" / "afids"))
   parser.add_argument("--num-images", type=int, default=20)
   parser.add_argument("--samples", default="50,0", help="noise passes to measure, comma-separated")
+  parser.add_argument("--prefetch", default="on", help="on, off or both (on,off): read the next image during the model")
   parser.add_argument("--json", default=None, help="also write the figures here")
   args = parser.parse_args()
   work = Path(tempfile.mkdtemp(prefix="cohort-speed-"))
@@ -67,20 +69,21 @@ def main() -> None:
         f"model {args.model}; {args.num_images} images")
   try:
     images = make_cohort(Path(args.afids), work / "images", args.num_images)
-    for samples in (int(s) for s in args.samples.split(",")):
-      out = work / f"out{samples}"
+    settings = [(int(s), p == "on") for s in args.samples.split(",") for p in args.prefetch.split(",")]
+    for samples, prefetch in settings:
+      out = work / f"out{samples}_{prefetch}"
       jobs = cohort.plain_jobs(images, out)
       start = time.perf_counter()
-      result = predict.predict_jobs(Path(args.model), jobs, out=out, num_samples=samples)
+      result = predict.predict_jobs(Path(args.model), jobs, out=out, num_samples=samples, prefetch=prefetch)
       wall = time.perf_counter() - start
       assert not result.failed, result.failed
       load, model, write = (np.array([p[k] for p in result.predicted]) for k in ("load_s", "model_s", "write_s"))
       after = wall - result.compile_s  # the cohort after the one compilation (restore included)
-      run = {"noise_samples": samples, "compile_s": result.compile_s, "load_s": float(np.median(load)),
+      run = {"noise_samples": samples, "prefetch": prefetch, "compile_s": result.compile_s, "load_s": float(np.median(load)),
              "model_s": float(np.median(model)), "write_s": float(np.median(write)), "wall_s": wall,
              "images_per_min": 60 * len(images) / wall, "images_per_min_after_compile": 60 * len(images) / after}
       figures["runs"].append(run)
-      print(f"{samples:>3} noise passes: compile {run['compile_s']:.1f} s once; per image (median) read+preprocess "
+      print(f"{samples:>3} noise passes, prefetch {'on ' if prefetch else 'off'}: compile {run['compile_s']:.1f} s once; per image (median) read+preprocess "
             f"{run['load_s']:.2f} s, model {run['model_s']:.2f} s, write {run['write_s'] * 1e3:.0f} ms; "
             f"{len(images)} images in {wall:.1f} s = {run['images_per_min']:.1f} images/min "
             f"({run['images_per_min_after_compile']:.1f} after compilation)")

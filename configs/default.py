@@ -120,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
   aug.fov_min_mm = 40.0
   aug.fov_shift_mm = 40.0
   train.presence_weight = 1.0  # weight of the presence cross-entropy in the loss (model.presence=True)
+  # True: a finer scale's squared error counts only for the landmarks inside its input patch (a patch
+  # that missed its landmark, as after a poor coarse guess on a field-of-view crop, has nothing to learn it
+  # from; locnet_jax/model/losses.py in_patch). False: the paper's loss over every landmark
+  train.loss_in_patch_only = False
   train.loader_workers = 1  # background processes preparing augmented batches (0: inline)
   # where augmentation runs: "host" (the loader's workers, scipy; elastic possible), "device" (in JAX on the
   # accelerator, locnet_jax/data/augment_device.py: a GPU fed at paper size), "auto" (host on CPUs, else device)

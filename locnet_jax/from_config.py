@@ -118,6 +118,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                 ("eval.chunk_size", e.chunk_size, 0)):
     _require(isinstance(value, int) and value >= minimum, field, value, f"an int >= {minimum}")
   _require(t.get("presence_weight", 1.0) >= 0, "train.presence_weight", t.get("presence_weight"), ">= 0")
+  _require(isinstance(t.get("loss_in_patch_only", False), bool), "train.loss_in_patch_only",
+           t.get("loss_in_patch_only"), "True or False")
   outside = d.get("outside_value", 0.0)
   _require(np.isfinite(outside) and outside <= 0, "data.outside_value", outside, "0, or < 0 to mark the outside")
   _require(outside == 0 or d.intensity != "none", "data.outside_value", outside,

@@ -28,19 +28,33 @@ def squared_error_mm(pred_mm: jax.Array, target_mm: jax.Array) -> jax.Array:
   return jnp.where(jnp.broadcast_to(mask, sq.shape), sq, 0.0)
 
 
-def per_scale_loss(pred_mm: jax.Array, target_mm: jax.Array) -> jax.Array:
+def per_scale_loss(pred_mm: jax.Array, target_mm: jax.Array, *, only: jax.Array | None = None) -> jax.Array:
   """Mean squared Euclidean error per scale (S,) mm^2, over every annotated (example, landmark) pair.
 
   Args:
     pred_mm: (B, S, K, 3) predictions of every scale.
     target_mm: (B, K, 3) truths, NaN rows for missing landmarks.
+    only: (B, S, K) bool, optional: the pairs each scale's sum keeps (`in_patch`); the denominator stays
+      the count of annotated pairs, so a dropped pair removes its term and nothing else.
   """
   if pred_mm.ndim != 4 or target_mm.shape != (pred_mm.shape[0],) + pred_mm.shape[2:]:
     raise ValueError(f"pred_mm must be (B, S, K, 3) and target_mm (B, K, 3), got {pred_mm.shape} "
                      f"and {target_mm.shape}")
   sq = squared_error_mm(pred_mm, target_mm[:, None])  # (B, S, K)
+  if only is not None:
+    sq = jnp.where(only, sq, 0.0)
   count = jnp.sum(landmark_mask(target_mm))
   return jnp.sum(sq, axis=(0, 2)) / jnp.maximum(count, 1)
+
+
+def in_patch(target_mm: jax.Array, center_mm: jax.Array, half_mm) -> jax.Array:
+  """(B, S, K) bool: whether each annotated landmark lies inside scale s's input patch, the box of
+  half-widths `half_mm[s]` mm per world axis around `center_mm` (B, S, K, 3) RAS mm (the model's
+  "center_mm": where each scale's input was cut, the noise shift included). `target_mm` (B, K, 3), NaN
+  rows missing (False). The pyramids are resampled onto RAS-aligned grids, so a patch is a world box."""
+  half = jnp.asarray(half_mm, jnp.float32)[None, :, None, None]
+  offset = jnp.abs(jnp.where(landmark_mask(target_mm)[:, None, :, None], target_mm[:, None] - center_mm, jnp.inf))
+  return jnp.all(offset <= half, axis=-1)
 
 
 def cut_away_loss(pred_mm: jax.Array, target_mm: jax.Array, cut: jax.Array) -> jax.Array:

@@ -77,10 +77,19 @@ def make_train_step(config: ml_collections.ConfigDict):
       return steps.heatmap_train_step(state, batch, key, sigma_mm=config.model.heatmap_sigma_mm,
                                          peak=config.model.heatmap_peak)
   else:
+    half = patch_half_mm(config) if config.train.get("loss_in_patch_only", False) else None
+
     def step(state, batch, key, weights, trainable):
       return steps.train_step(state, batch, key, weights=weights, trainable=trainable,
-                              presence_weight=config.train.get("presence_weight", 1.0))
+                              presence_weight=config.train.get("presence_weight", 1.0), patch_half_mm=half)
   return jax.jit(step, donate_argnums=0)
+
+
+def patch_half_mm(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """Per scale (S,), the half-width (mm per world axis) of its input patch: inf for the coarsest scale (the
+  whole volume), ``patch_size * spacing / 2`` for each finer one."""
+  spacings = tuple(config.data.spacings_mm)
+  return (float("inf"),) + tuple(config.model.patch_size * s / 2 for s in spacings[1:])
 
 
 def validation_errors(predict, params, cases: list[loader.Example], *, batch_size: int) -> np.ndarray:

@@ -45,19 +45,28 @@ def create_train_state(model: nn.Module, *, key: jax.Array, volumes, affines,
 
 def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Array,
                      noise_key: jax.Array | None,
-                     presence_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     presence_weight: float = 1.0,
+                     patch_half_mm=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of per-scale mean squared errors (mm^2) of the landmarks in the image, with per-scale
   metrics; plus, where the batch has landmarks cut away by a field-of-view crop (``present`` 0 with a
   position), the coarsest scale's `losses.cut_away_loss` (the finer scales' patches around such a point
   hold no image to learn from); for a model with a presence output, plus `presence_weight` x the presence
-  cross-entropy (`losses.presence_loss`)."""
+  cross-entropy (`losses.presence_loss`).
+
+  `patch_half_mm` (S,) mm, when given: a scale's squared error counts only for the landmarks inside its
+  input patch (`losses.in_patch`; the half-widths per world axis, inf for the whole-volume coarsest scale):
+  a patch that misses a landmark has nothing to learn it from (config `train.loss_in_patch_only`)."""
   out = apply_fn({"params": params}, batch["volumes"], batch["affines"], noise_key=noise_key)
   target, present = batch["target_mm"], batch.get("present")
   cut = None
   if present is not None:
     cut = (present == 0) & losses.landmark_mask(target)
     target = jnp.where(cut[..., None], jnp.nan, target)  # in the image only
-  per_scale = losses.per_scale_loss(out["pred_mm"], target)
+  if patch_half_mm is None:
+    per_scale = losses.per_scale_loss(out["pred_mm"], target)
+  else:
+    inside = losses.in_patch(target, out["center_mm"], patch_half_mm)  # (B, S, K)
+    per_scale = losses.per_scale_loss(out["pred_mm"], target, only=inside)
   error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], target[:, None]))  # (B, S, K)
   count = jnp.maximum(jnp.sum(losses.landmark_mask(target)), 1)
   mean_error_mm = jnp.sum(error_mm, axis=(0, 2)) / count  # missing landmarks have error 0
@@ -98,15 +107,16 @@ def _health(metrics: dict, grads, params) -> dict:
 
 def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *, weights: jax.Array,
                trainable: jax.Array | None = None,
-               presence_weight: float = 1.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               presence_weight: float = 1.0, patch_half_mm=None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step of a Loc-Net model; `key` drives noise injection before the finest crop (None: no noise).
 
   `weights` (S,) are the per-scale loss weights; `trainable` (S,) 0/1, when given, freezes the scales
-  marked 0 (the multi-step baseline trains one scale at a time). Returns the new state and metrics: loss,
+  marked 0 (the multi-step baseline trains one scale at a time); `patch_half_mm` as in `loss_and_metrics`. Returns the new state and metrics: loss,
   per-scale MSE and mean error (mm), gradient and parameter global norms (health checks).
   """
   grad_fn = jax.grad(functools.partial(loss_and_metrics, apply_fn=state.apply_fn, weights=weights,
-                                       noise_key=key, presence_weight=presence_weight), has_aux=True)
+                                       noise_key=key, presence_weight=presence_weight,
+                                       patch_half_mm=patch_half_mm), has_aux=True)
   grads, metrics = grad_fn(state.params, batch)
   return _apply(state, grads, trainable), _health(metrics, grads, state.params)
 

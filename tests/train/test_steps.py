@@ -103,3 +103,32 @@ def test_a_cut_away_landmark_is_trained_at_the_coarsest_scale_only_by_its_radial
   np.testing.assert_allclose(m_all["per_scale_mse_mm2"], [(25.0 + 900.0) / 2, (26.0 + 400.0) / 2])
   assert float(m_all["cut_away_loss_mm"]) == 0.0 and "cut_away_loss_mm" not in m_none
   np.testing.assert_allclose(loss_all, (25.0 + 900.0) / 2 + (26.0 + 400.0) / 2, rtol=1e-6)
+
+
+def test_a_finer_scale_learns_only_the_landmarks_inside_its_patch():
+  """`patch_half_mm`: a landmark outside a finer scale's input box (around that scale's crop centre, per
+  world axis) leaves that scale's squared error; the coarsest scale (inf) keeps every landmark; the
+  denominator stays the annotated count. Without it, the paper's loss over every landmark."""
+  pred = jnp.array([[[[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]], [[1.0, 0.0, 0.0], [20.0, 0.0, 0.0]]]])  # (1, S=2, K=2, 3)
+  center = jnp.array([[[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0], [30.0, 0.0, 5.0]]]])
+  target = jnp.array([[[0.0, 3.0, 4.0], [40.0, 0.0, 0.0]]])  # landmark 1: 10 mm off its scale-1 centre in x
+  apply_fn = lambda params, volumes, affines, noise_key: {"pred_mm": pred, "center_mm": center}  # noqa: E731
+  run = lambda half: steps.loss_and_metrics({}, {"volumes": [], "affines": [], "target_mm": target},  # noqa: E731
+                                            apply_fn=apply_fn, weights=jnp.array([1.0, 1.0]), noise_key=None,
+                                            patch_half_mm=half)
+  _, inside = run((float("inf"), 12.0))  # the box reaches 10 mm in x and 5 mm in z: both in
+  _, outside = run((float("inf"), 8.0))  # 10 mm > 8: landmark 1 is out of scale 1's patch
+  _, paper = run(None)
+  np.testing.assert_allclose(paper["per_scale_mse_mm2"], [(25.0 + 900.0) / 2, (26.0 + 400.0) / 2])
+  np.testing.assert_allclose(inside["per_scale_mse_mm2"], paper["per_scale_mse_mm2"])
+  np.testing.assert_allclose(outside["per_scale_mse_mm2"], [(25.0 + 900.0) / 2, 26.0 / 2])
+  # a box per axis, not a ball: landmark 0 lies 5 mm from its centre but at most 4 mm along any axis
+  _, z_out = run((float("inf"), 4.0))
+  np.testing.assert_allclose(z_out["per_scale_mse_mm2"], [(25.0 + 900.0) / 2, 26.0 / 2])
+
+
+def test_the_patch_half_widths_follow_the_pyramid():
+  from configs import multiscale
+  from locnet_jax.train import loop
+  config = multiscale.get_config("afids32")
+  assert loop.patch_half_mm(config) == (float("inf"), 48.0, 24.0, 12.0)  # 24^3 patches at 4, 2, 1 mm
