@@ -30,8 +30,10 @@ def test_the_augmentation_section_declares_every_setting_with_its_default():
   marked = from_config.augment_settings(config.train, outside_value=-1.0)  # the data recipe's, not a draw
   assert marked.outside_value == -1.0 and marked == dataclasses.replace(augment_host.AugmentSettings(),
                                                                         outside_value=-1.0)
-  varied = from_config.augment_settings(multiscale.get_config("afids6_real").train)
-  assert varied.deform_mm > 0 and varied.fov_probability > 0 and varied.lut_probability > 0
+  recipe = multiscale.get_config("afids6_real")
+  recipe.train.augmentation.fov_probability = 0.3  # crops are off in the recipe; the override turns them on
+  varied = from_config.augment_settings(recipe.train)
+  assert varied.deform_mm > 0 and varied.fov_probability == 0.3 and varied.lut_probability > 0
   assert augment_host.host_only_fields(varied) == []  # the device implements every variation
   assert augment_host.host_only_fields(augment_host.AugmentSettings(elastic_mm=2.0)) == ["elastic_mm"]
   config.train.augmentation.unlock()
