@@ -79,12 +79,13 @@ def main() -> None:
       assert not result.failed, result.failed
       load, model, write = (np.array([p[k] for p in result.predicted]) for k in ("load_s", "model_s", "write_s"))
       after = wall - result.compile_s  # the cohort after the one compilation (restore included)
-      run = {"noise_samples": samples, "prefetch": prefetch, "compile_s": result.compile_s, "load_s": float(np.median(load)),
+      run = {"noise_samples": samples, "prefetch": prefetch, "compile_s": result.compile_s,
+             "load_s": float(np.median(load)),
              "model_s": float(np.median(model)), "write_s": float(np.median(write)), "wall_s": wall,
              "images_per_min": 60 * len(images) / wall, "images_per_min_after_compile": 60 * len(images) / after}
       figures["runs"].append(run)
-      print(f"{samples:>3} noise passes, prefetch {'on ' if prefetch else 'off'}: compile {run['compile_s']:.1f} s once; per image (median) read+preprocess "
-            f"{run['load_s']:.2f} s, model {run['model_s']:.2f} s, write {run['write_s'] * 1e3:.0f} ms; "
+      print(f"{samples:>3} noise passes, prefetch {'on ' if prefetch else 'off'}: compile {run['compile_s']:.1f} s "
+            f"once; per image (median) read+preprocess {run['load_s']:.2f} s, model {run['model_s']:.2f} s, write {run['write_s'] * 1e3:.0f} ms; "
             f"{len(images)} images in {wall:.1f} s = {run['images_per_min']:.1f} images/min "
             f"({run['images_per_min_after_compile']:.1f} after compilation)")
   finally:

@@ -62,11 +62,8 @@ def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Ar
   if present is not None:
     cut = (present == 0) & losses.landmark_mask(target)
     target = jnp.where(cut[..., None], jnp.nan, target)  # in the image only
-  if patch_half_mm is None:
-    per_scale = losses.per_scale_loss(out["pred_mm"], target)
-  else:
-    inside = losses.in_patch(target, out["center_mm"], patch_half_mm)  # (B, S, K)
-    per_scale = losses.per_scale_loss(out["pred_mm"], target, only=inside)
+  inside = None if patch_half_mm is None else losses.in_patch(target, out["center_mm"], patch_half_mm)  # (B, S, K)
+  per_scale = losses.per_scale_loss(out["pred_mm"], target, only=inside)
   error_mm = jnp.sqrt(losses.squared_error_mm(out["pred_mm"], target[:, None]))  # (B, S, K)
   count = jnp.maximum(jnp.sum(losses.landmark_mask(target)), 1)
   mean_error_mm = jnp.sum(error_mm, axis=(0, 2)) / count  # missing landmarks have error 0
