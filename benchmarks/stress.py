@@ -38,7 +38,9 @@ def _sets(args) -> dict[str, tuple[Path, str]]:
   return sets
 
 
-def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> dict:
+def score_model(folder: Path, sets: dict, *, num_samples: int | None, log, points: dict | None = None) -> dict:
+  """Every set's `scoring.score` results (+ pooled stress-set QC); with `points` (a dict), fills it with
+  each set's per-point arrays (`point_arrays`) for fitting and comparing QC rules offline."""
   config = restore.saved_config(folder)
   settings = from_config.preprocess_settings(config.data)
   checks = qc.load(folder)
@@ -57,7 +59,9 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
                             calibration=qc.calibration(checks))
     results["wall_s"] = round(time.perf_counter() - start, 1)
     out[name] = results
-    if name != "test":  # pooled over the stress sets: the QC targets
+    if points is not None:
+      points[name] = point_arrays(records, examples, model_names=trained.names, data_names=manifest.landmarks)
+    if name not in ("test", "val"):  # pooled over the stress sets: the QC targets
       _, mi, di = scoring.matched(trained.names, manifest.landmarks)
       for example, case, record in zip(examples, results["per_case"], records):
         errors = np.array([np.nan if e is None else e for e in case["error_mm"]])
@@ -93,6 +97,21 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log) -> di
     for name, figures in by_scale.items():
       log(f"{folder.name} {name} outside the grid: {figures}")
   return out
+
+
+def point_arrays(records: list[dict], examples, *, model_names, data_names) -> dict[str, np.ndarray]:
+  """Per case and landmark the data set scores (C, L, ...): truth and predictions in RAS mm ("truth_mm",
+  "mean_mm" of the noise samples, "det_mm" (C, S, L, 3) every scale's deterministic pass), the raw noise
+  std "std_mm", "presence" (NaN unknown) and "present" (truth: 1 in the image, 0 absent, NaN unknown)."""
+  _, mi, di = scoring.matched(model_names, data_names)
+  det = np.stack([np.asarray(r["pred_mm"])[:, mi] for r in records])
+  nan = np.full(det.shape[:1] + det.shape[2:], np.nan)  # (C, L, 3)
+  return {"truth_mm": np.stack([ex.target_mm[di] for ex in examples]), "det_mm": det,
+          "mean_mm": np.stack([r["mean_mm"][mi] for r in records]) if records[0]["mean_mm"] is not None else det[:, -1],
+          "std_mm": np.stack([r["std_mm"][mi] for r in records]) if records[0]["std_mm"] is not None else nan,
+          "presence": np.stack([r["presence"][mi] if r.get("presence") is not None else np.full(len(mi), np.nan)
+                                for r in records]),
+          "present": np.stack([ex.presence()[di] for ex in examples])}
 
 
 def _auc(absent: np.ndarray, present: np.ndarray) -> float | None:
@@ -142,7 +161,7 @@ def landmark_table(model: str, sets: dict, raters: dict[str, np.ndarray]) -> str
   mean; "below raters" when the model's test mean is under the raters' mean; "disputed" when the raters'
   mean exceeds `DISPUTED_MM` (the experts disagree on where the landmark is)."""
   names = list(sets["test"]["per_landmark"])
-  stress = [k for k in sets if k not in ("test", "all stress sets")]
+  stress = [k for k in sets if k not in ("test", "val", "all stress sets")]
   head = (["landmark", "test mean", "median", "p90"] + [f"{k} mean" for k in stress] + list(raters)
           + ["raters' mean", "below raters", "disputed"])
   lines = [f"{model}: per landmark (mm)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -175,11 +194,19 @@ def main() -> None:
   parser.add_argument("--kinds", default="t2w,slab,deform,thick")
   parser.add_argument("--num-noise-samples", type=int, default=None, help="default: each model's eval config")
   parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--points", action="store_true", help="also score the AFIDs validation split and write "
+                      "every set's per-point arrays to <out>/points_<model>.npz (benchmarks/qc_rules.py reads them)")
   args = parser.parse_args()
   sets = _sets(args)
+  if args.points:
+    sets = {"val": (Path(args.afids) / "dataset.json", "val"), **sets}
   all_results = {}
   for folder in [Path(m) for m in args.models.split(",")]:
-    results = score_model(folder, sets, num_samples=args.num_noise_samples, log=print)
+    points = {} if args.points else None
+    results = score_model(folder, sets, num_samples=args.num_noise_samples, log=print, points=points)
+    if points:
+      np.savez_compressed(Path(args.out) / f"points_{folder.name}.npz",
+                          **{f"{name}/{key}": value for name, arrays in points.items() for key, value in arrays.items()})
     name = folder.name if folder.name not in all_results else str(folder)
     all_results[name] = results
     path = Path(args.out) / f"stress_{folder.name}.json"
