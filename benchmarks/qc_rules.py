@@ -11,6 +11,11 @@ scale before it (the chain's own disagreement); "noise_shift", how far the sampl
 deterministic finest prediction. A rule flags a point when any of its signals exceeds the `--quantile`
 quantile of that signal over the validation points closer than 1.5 mm to the truth, or when the presence
 read from the field of view is below `qc.UNCERTAIN_BELOW`.
+
+Then absence: today a landmark is `absent` when its coarse prediction lies outside the image's grid
+(presence below `qc.ABSENT_BELOW`); the alternative also calls a flagged landmark absent when the image
+is partial (its field of view shorter than `--partial-mm` along some axis: no whole head fits), on the
+reading that a landmark the model cannot localise in a slab is, most often, not in it.
 """
 
 from __future__ import annotations
@@ -47,14 +52,31 @@ def signals(arrays: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray
           "radius": qc.radius_mm(arrays["std_mm"], scale),
           "scale_gap": np.linalg.norm(det[:, -1] - det[:, -2], axis=-1),
           "noise_shift": np.linalg.norm(mean - det[:, -1], axis=-1),
-          "presence": arrays["presence"], "present": arrays["present"]}
+          "presence": arrays["presence"], "present": arrays["present"],
+          "fov_min_mm": np.broadcast_to(np.min(arrays["fov_mm"], axis=-1)[:, None], det.shape[:1] + det.shape[2:3])}
+
+
+def flags(s: dict[str, np.ndarray], thresholds: dict[str, float], rule) -> np.ndarray:
+  """(C, L) bool: the rule's signals or presence flag the point."""
+  flagged = np.nan_to_num(s["presence"], nan=1.0) < qc.UNCERTAIN_BELOW
+  for name in rule:
+    flagged |= s[name] > thresholds[name]
+  return flagged
+
+
+def absence(s: dict[str, np.ndarray], flagged: np.ndarray, partial_mm: float | None) -> dict[str, int]:
+  """Absent calls today (presence < `qc.ABSENT_BELOW`) or, with `partial_mm`, also every flagged point of
+  an image whose field of view is shorter than that along some axis; counted against the truth."""
+  called = np.nan_to_num(s["presence"], nan=1.0) < qc.ABSENT_BELOW
+  if partial_mm is not None:
+    called |= flagged & (s["fov_min_mm"] < partial_mm)
+  absent, present = s["present"] == 0, s["present"] == 1
+  return {"absent": int(absent.sum()), "called": int((called & absent).sum()), "present": int(present.sum()),
+          "false": int((called & present).sum())}
 
 
 def figures(s: dict[str, np.ndarray], thresholds: dict[str, float], rule) -> dict[str, float | int]:
-  flagged = np.zeros(s["error"].shape, bool)
-  for name in rule:
-    flagged |= s[name] > thresholds[name]
-  flagged |= np.nan_to_num(s["presence"], nan=1.0) < qc.UNCERTAIN_BELOW
+  flagged = flags(s, thresholds, rule)
   scored = (s["present"] == 1) & np.isfinite(s["error"])
   bad, good, bad4 = scored & (s["error"] > 3.0), scored & (s["error"] < qc.GOOD_MM), scored & (s["error"] > 4.0)
   return {"bad": int(bad.sum()), "flag_bad": int((flagged & bad).sum()), "good": int(good.sum()),
@@ -65,6 +87,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("points", nargs="+", help="points_<model>.npz files from benchmarks/stress.py --points")
   parser.add_argument("--quantiles", default="0.97,0.98,0.99")
+  parser.add_argument("--partial-mm", type=float, default=100.0)
   args = parser.parse_args()
   for path in args.points:
     sets = load(Path(path))
@@ -93,6 +116,22 @@ def main() -> None:
                  ", ".join(f"{n} {f['flag_bad']}/{f['bad']}" for n, f in by_set.items() if n != "test")]
         print("| " + " | ".join(cells) + " |")
     print("thresholds (mm) at the last quantile: " + ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
+    print("\n| absent when | rule | quantile | absent called absent | present called absent (slab) | "
+          "present called absent (whole heads) |")
+    print("|" + "---|" * 6)
+    for q in [float(v) for v in args.quantiles.split(",")]:
+      thresholds = {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "scale_gap", "noise_shift")}
+      for partial in (None, args.partial_mm):
+        for rule_name, rule in (RULES.items() if partial else [("–", ())]):
+          counts = {name: absence(s, flags(s, thresholds, rule), partial) for name, s in per_set.items()}
+          whole = [c for n, c in counts.items() if n != "slab"]
+          slab = counts.get("slab", {"absent": 0, "called": 0, "present": 0, "false": 0})
+          cells = ["outside the grid" if partial is None else f"+ flagged in a field of view < {partial:.0f} mm",
+                   rule_name, f"{q:.2f}", f"{_pct(slab['called'], slab['absent'])} of {slab['absent']}",
+                   f"{_pct(slab['false'], slab['present'])} of {slab['present']}",
+                   f"{_pct(sum(c['false'] for c in whole), sum(c['present'] for c in whole))} of "
+                   f"{sum(c['present'] for c in whole)}"]
+          print("| " + " | ".join(cells) + " |")
 
 
 def _pct(hit: int, of: int) -> str:

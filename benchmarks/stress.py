@@ -102,7 +102,8 @@ def score_model(folder: Path, sets: dict, *, num_samples: int | None, log, point
 def point_arrays(records: list[dict], examples, *, model_names, data_names) -> dict[str, np.ndarray]:
   """Per case and landmark the data set scores (C, L, ...): truth and predictions in RAS mm ("truth_mm",
   "mean_mm" of the noise samples, "det_mm" (C, S, L, 3) every scale's deterministic pass), the raw noise
-  std "std_mm", "presence" (NaN unknown) and "present" (truth: 1 in the image, 0 absent, NaN unknown)."""
+  std "std_mm", "presence" (NaN unknown), "present" (truth: 1 in the image, 0 absent, NaN unknown), and per
+  case "fov_mm" (C, 3), the image's field of view along its voxel axes (NaN unknown)."""
   _, mi, di = scoring.matched(model_names, data_names)
   det = np.stack([np.asarray(r["pred_mm"])[:, mi] for r in records])
   nan = np.full(det.shape[:1] + det.shape[2:], np.nan)  # (C, L, 3)
@@ -111,7 +112,9 @@ def point_arrays(records: list[dict], examples, *, model_names, data_names) -> d
           "std_mm": np.stack([r["std_mm"][mi] for r in records]) if records[0]["std_mm"] is not None else nan,
           "presence": np.stack([r["presence"][mi] if r.get("presence") is not None else np.full(len(mi), np.nan)
                                 for r in records]),
-          "present": np.stack([ex.presence()[di] for ex in examples])}
+          "present": np.stack([ex.presence()[di] for ex in examples]),
+          "fov_mm": np.stack([np.full(3, np.nan) if ex.grid is None else
+                              geometry.voxel_spacing_mm(ex.grid[0]) * np.asarray(ex.grid[1]) for ex in examples])}
 
 
 def _auc(absent: np.ndarray, present: np.ndarray) -> float | None:
