@@ -48,7 +48,8 @@ class Predictor:
   def __call__(self, example: loader.Example, key: jax.Array) -> dict:
     """{"case_id", "names" (K,) the model's landmarks, "pred_mm" (S, K, 3), "mean_mm"/"std_mm" (K, 3) or None,
     "presence" (K,) probability that each landmark is in the image (`qc.presence`: against `example.grid`,
-    and the model's presence output if it has one) or None (neither known), "seconds"}."""
+    and the model's presence output if it has one) or None (neither known), "fov_mm" (3,) the image's field of
+    view along its voxel axes or None (unknown; `qc` reads it), "seconds"}."""
     args = self._args(example, key)
     start = time.perf_counter()
     try:
@@ -67,7 +68,7 @@ class Predictor:
       learnt = 1.0 / (1.0 + np.exp(-np.asarray(result["presence_logit"][0], np.float64)))
     presence = qc.presence(pred, example.grid, learnt)
     return {"case_id": example.case_id, "names": self.trained.names, "pred_mm": pred, "mean_mm": mean, "std_mm": std,
-            "presence": presence, "seconds": time.perf_counter() - start}
+            "presence": presence, "fov_mm": qc.field_of_view_mm(example.grid), "seconds": time.perf_counter() - start}
 
 
 def predict_cases(trained: Trained, examples: list[loader.Example], *, num_samples: int, chunk_size: int,

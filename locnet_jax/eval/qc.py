@@ -11,7 +11,9 @@ outputs, the heatmaps' mass (`model.locnet.Presence`) carried no signal and a cl
 volume (`model.locnet.PresenceEncoder`) tells partial images from whole heads, not which landmarks a slab
 holds (docs/results.md, "Presence").
 
-- absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates);
+- absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates), or,
+  in a partial image (field of view shorter than `partial_fov_mm` along one of its voxel axes), a landmark
+  that would be `uncertain`;
 - uncertain: presence below `uncertain_below`, or the largest semi-axis of the calibrated 90 % confidence
   ellipsoid (`radius_mm`) above `max_radius_mm`;
 - ok: otherwise.
@@ -20,6 +22,15 @@ holds (docs/results.md, "Presence").
 right (error below `GOOD_MM`): in data like the held-out set, about 1 - quantile of the good points are
 flagged; points whose ellipsoid grows beyond anything seen on good held-out predictions (another contrast,
 an anatomy the model cannot read) are. Without noise samples only presence decides.
+
+`partial_fov_mm` is `PARTIAL_FRACTION` of the shortest field of view among the held-out images: an image
+shorter than half of anything the model was checked on along some axis cannot hold what it learnt to read
+(for the AFIDs, a whole head: 193 mm, so 96.5 mm). Why absent rather than uncertain there: a model that
+cannot localise a landmark in a slab is, far more often than not, looking for one the slab does not hold,
+and its guess lies on the slab's edge; measured on the AFIDs stress sets (docs/results.md, "QC and
+absence"), this calls every landmark outside the slabs absent and no landmark of a whole head, where the
+field-of-view rule alone found 8 % of them. The price: in a slab, a present landmark the model is unsure
+of is reported absent too (no coordinates instead of a wrong point).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ RADIUS_QUANTILE = 0.98
 ABSENT_BELOW = 0.5
 UNCERTAIN_BELOW = 0.9
 PRESENCE_SCALE = 0  # whose prediction is checked against the field of view: the coarsest sees the whole grid
+PARTIAL_FRACTION = 0.5  # an image is partial below this fraction of the held-out images' shortest field of view
 PRESENCE_SOFTNESS_MM = 1.0  # presence 0.5 on the image's edge, 0.9 at 2.2 mm inside, 0.1 at 2.2 mm outside
 QC_FILE = "qc.json"  # in a training workdir, written by evaluation when it fits the thresholds
 
@@ -45,6 +57,14 @@ QC_FILE = "qc.json"  # in a training workdir, written by evaluation when it fits
 def radius_mm(std_mm: np.ndarray, scale: float = 1.0) -> np.ndarray:
   """(..., 3) per-axis std -> (...) largest semi-axis (mm) of the 90 % ellipsoid of std x `scale`."""
   return scale * np.max(std_mm, axis=-1) * np.sqrt(metrics.CHI2_3)
+
+
+def field_of_view_mm(grid) -> np.ndarray | None:
+  """(3,) mm an image's voxel grid spans along each voxel axis (`grid`: its voxel->RAS affine and shape;
+  None: unknown -> None)."""
+  if grid is None:
+    return None
+  return geometry.voxel_spacing_mm(np.asarray(grid[0], np.float64)) * np.asarray(grid[1], np.float64)
 
 
 def presence(pred_mm: np.ndarray, grid, learnt: np.ndarray | None = None) -> np.ndarray | None:
@@ -62,9 +82,11 @@ def fit(predictions: list[dict], truth_mm: np.ndarray, *, model_index, calibrati
         split: str) -> dict:
   """QC thresholds from held-out predictions (`predict.predict_cases` records) and their truths (C, L, 3)
   (L landmarks at `model_index` in the model's order)."""
+  fov = [p["fov_mm"] for p in predictions if p.get("fov_mm") is not None]
   qc = {"absent_below": ABSENT_BELOW, "uncertain_below": UNCERTAIN_BELOW, "calibration_scale": calibration_scale,
-        "max_radius_mm": None, "fitted_on": {"split": split, "cases": len(predictions), "good_mm": GOOD_MM,
-                                             "quantile": RADIUS_QUANTILE}}
+        "max_radius_mm": None,
+        "partial_fov_mm": round(PARTIAL_FRACTION * float(np.min(fov)), 4) if fov else None,
+        "fitted_on": {"split": split, "cases": len(predictions), "good_mm": GOOD_MM, "quantile": RADIUS_QUANTILE}}
   if predictions[0]["std_mm"] is None or calibration_scale is None:
     return qc
   final = np.stack([p["mean_mm"][model_index] for p in predictions])
@@ -75,10 +97,14 @@ def fit(predictions: list[dict], truth_mm: np.ndarray, *, model_index, calibrati
   return qc
 
 
-def statuses(*, count: int, presence: np.ndarray | None, radius: np.ndarray | None, qc: dict | None) -> list[str]:
-  """Per landmark (`count`,): "ok", "uncertain" or "absent" (module docstring); all "ok" without QC."""
+def statuses(*, count: int, presence: np.ndarray | None, radius: np.ndarray | None, qc: dict | None,
+             fov_mm: np.ndarray | None = None) -> list[str]:
+  """Per landmark (`count`,): "ok", "uncertain" or "absent" (module docstring; `fov_mm` (3,) the image's
+  field of view, None unknown); all "ok" without QC."""
   if qc is None:
     return ["ok"] * count
+  partial = (fov_mm is not None and qc.get("partial_fov_mm") is not None
+             and float(np.min(fov_mm)) < qc["partial_fov_mm"])
   out = []
   for k in range(count):
     p = None if presence is None else float(presence[k])
@@ -86,7 +112,7 @@ def statuses(*, count: int, presence: np.ndarray | None, radius: np.ndarray | No
       out.append("absent")
     elif (p is not None and p < qc["uncertain_below"]) or (
         radius is not None and qc.get("max_radius_mm") is not None and radius[k] > qc["max_radius_mm"]):
-      out.append("uncertain")
+      out.append("absent" if partial else "uncertain")
     else:
       out.append("ok")
   return out
@@ -101,7 +127,7 @@ def annotate(prediction: dict, qc: dict | None) -> dict:
   radius = None if std is None else radius_mm(np.asarray(std), scale)
   return {**prediction, "std_calibrated_mm": calibrated, "radius_mm": radius,
           "status": statuses(count=prediction["pred_mm"].shape[-2], presence=prediction.get("presence"),
-                             radius=radius, qc=qc)}
+                             radius=radius, qc=qc, fov_mm=prediction.get("fov_mm"))}
 
 
 def calibration(checks: dict | None) -> dict | None:

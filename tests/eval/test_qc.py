@@ -74,6 +74,34 @@ def test_an_absent_landmark_is_written_unplaced_and_reads_back_missing(tmp_path)
   assert predict.warnings([qc.annotate(_record("fine", mean, None, [0.99] * 3), CHECKS)]) == []
 
 
+def test_in_a_partial_image_a_landmark_that_would_be_uncertain_is_absent():
+  """A field of view shorter than partial_fov_mm along one voxel axis (a slab) turns `uncertain` into
+  `absent`; a whole head, or an unknown field of view, keeps `uncertain`; a confident point stays ok."""
+  checks = {**CHECKS, "partial_fov_mm": 96.5}
+  std = np.array([[0.1, 0.1, 0.1], [0.1, 0.1, 0.1], [2.0, 0.1, 0.1]])  # GENU's radius 2 x 2 x 2.5 = 10 mm > 3
+  slab = qc.field_of_view_mm((helpers.oblique_affine((10, -20, 30), (1.5, -1.0, 2.0), (5, -8, 12)), (120, 150, 20)))
+  np.testing.assert_allclose(slab, [180.0, 150.0, 40.0], rtol=1e-9)  # |spacing| x voxels: 40 mm along z
+  head = qc.field_of_view_mm((np.diag([1.0, 1.0, 1.0, 1.0]), (193, 229, 193)))
+  presence = np.array([0.99, 0.7, 0.99])  # PC near the edge: uncertain by presence
+  annotate = lambda fov: qc.annotate({**_record("c", np.zeros((3, 3)), std, presence), "fov_mm": fov}, checks)
+  assert annotate(slab)["status"] == ["ok", "absent", "absent"]
+  assert annotate(head)["status"] == ["ok", "uncertain", "uncertain"]
+  assert annotate(None)["status"] == ["ok", "uncertain", "uncertain"]
+  assert qc.annotate({**_record("c", np.zeros((3, 3)), std, presence), "fov_mm": slab}, CHECKS)["status"] == [
+      "ok", "uncertain", "uncertain"]  # a model without the threshold (fitted before it existed)
+  assert qc.field_of_view_mm(None) is None
+
+
+def test_the_partial_threshold_is_half_the_shortest_held_out_field_of_view():
+  records = [{**_record(f"c{i}", np.zeros((3, 3)), np.full((3, 3), 0.1), None), "fov_mm": np.array(fov)}
+             for i, fov in enumerate([[193.0, 229.0, 193.0], [180.0, 200.0, 170.0]])]
+  fitted = qc.fit(records, np.zeros((2, 3, 3)), model_index=[0, 1, 2], calibration_scale=1.0, split="val")
+  assert fitted["partial_fov_mm"] == pytest.approx(qc.PARTIAL_FRACTION * 170.0)
+  unknown = [{**r, "fov_mm": None} for r in records]
+  assert qc.fit(unknown, np.zeros((2, 3, 3)), model_index=[0, 1, 2], calibration_scale=1.0,
+                split="val")["partial_fov_mm"] is None
+
+
 def test_thresholds_are_read_from_an_exported_model_or_a_workdir(tmp_path):
   exported, workdir = tmp_path / "model", tmp_path / "run"
   exported.mkdir()
