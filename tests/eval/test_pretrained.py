@@ -1,6 +1,8 @@
-"""The shipped model (pretrained/afids6) still loads and computes what it computed when it was exported:
+"""The shipped models. pretrained/afids6 still loads and computes what it computed when it was exported:
 its predictions on a built AFIDs case equal the recorded ones (tests/eval/afids6_reference.json, made by the
-code that trained it) to 1e-4 mm, and from the shell it finds the landmarks of a brain it never saw."""
+code that trained it) to 1e-4 mm, and from the shell it finds the landmarks of a brain it never saw.
+pretrained/afids6_real, predict.py's default, does too, with its QC: a whole head has no absent landmark,
+and the same head cut to a slab reports the landmarks the slab does not hold as absent."""
 
 import json
 import subprocess
@@ -8,10 +10,11 @@ import sys
 from pathlib import Path
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
-from locnet_jax import dataset, from_config, io
+from locnet_jax import dataset, from_config, geometry, io
 from locnet_jax.data import afids, loader
 from locnet_jax.eval import predict, restore
 from tests import helpers
@@ -19,6 +22,7 @@ from tests import helpers
 pytestmark = pytest.mark.xdist_group("afids6_case")  # its tests share an expensive fixture: one worker builds it once
 
 MODEL = helpers.ROOT / "pretrained" / "afids6"
+REAL_MODEL = helpers.ROOT / "pretrained" / "afids6_real"
 REFERENCE = json.loads((Path(__file__).parent / "afids6_reference.json").read_text())
 
 
@@ -53,13 +57,52 @@ def test_the_shipped_model_predicts_as_when_it_was_exported(unseen_case):
 
 @pytest.mark.slow
 def test_the_shipped_model_finds_the_afids_on_a_new_warped_brain(unseen_case, tmp_path):
-  """predict.py with no --workdir uses the shipped model; errors near its model card's test mean (0.37 mm)."""
+  """predict.py --workdir=pretrained/afids6; errors near its model card's test mean (0.37 mm)."""
   card = json.loads((MODEL / "model.json").read_text())
   done = subprocess.run([sys.executable, "predict.py", f"--image={unseen_case.image}", f"--out={tmp_path / 'pred'}",
-                         "--num_noise_samples=0"], cwd=helpers.ROOT, capture_output=True, text=True, timeout=600)
+                         f"--workdir={MODEL}", "--num_noise_samples=0"], cwd=helpers.ROOT, capture_output=True,
+                        text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   predicted = io.load_landmarks(tmp_path / "pred" / f"{unseen_case.id}.mrk.json", card["landmarks"])
   errors = np.linalg.norm(predicted - io.load_landmarks(unseen_case.landmarks, card["landmarks"]), axis=-1)
   assert errors.mean() < 1.5 and errors.max() < 4.0, errors
   # the same function from the shell (its deterministic pass: predict.py keys a case's noise by its id)
   np.testing.assert_allclose(predicted, np.asarray(REFERENCE["deterministic_mm"])[-1], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_default_model_finds_the_afids_and_reports_what_a_slab_does_not_hold(unseen_case, tmp_path):
+  """predict.py with no --workdir: pretrained/afids6_real. On the whole unseen head every landmark is placed
+  (none absent) near the truth; on a coronal 30 mm slab of it around AC, the landmarks more than 25 mm in
+  front of or behind AC (PC, SPLE, the ventricles) are reported absent (no coordinates: only a model with QC
+  thresholds, which pretrained/afids6 lacks, calls anything absent)."""
+  card = json.loads((REAL_MODEL / "model.json").read_text())
+  assert card["qc"]["partial_fov_mm"] > 60.0 and card["qc"]["max_radius_mm"] > 0
+  names = card["landmarks"]
+  truth_mm = io.load_landmarks(unseen_case.landmarks, names)
+  image = nib.load(unseen_case.image)
+  affine = image.affine
+  ac_vox = geometry.mm_to_vox(truth_mm[names.index("AC")], affine)
+  spacing = geometry.voxel_spacing_mm(affine)
+  axis = int(np.argmax(np.abs(affine[1, :3]) / spacing))  # the voxel axis nearest to A (storage is random)
+  step = float(spacing[axis])
+  lo = int(round(ac_vox[axis] - 15.0 / step))
+  index = [slice(None)] * 3
+  index[axis] = slice(lo, lo + int(round(30.0 / step)))
+  shift = np.zeros(3)
+  shift[axis] = lo
+  moved = np.eye(4)
+  moved[:3, 3] = shift  # the slab's voxel 0 is the whole image's voxel `lo` along that axis
+  slab = nib.Nifti1Image(np.asarray(image.dataobj)[tuple(index)], affine @ moved)
+  nib.save(slab, str(tmp_path / "slab.nii.gz"))
+  done = subprocess.run([sys.executable, "predict.py", f"--image={unseen_case.image},{tmp_path / 'slab.nii.gz'}",
+                         f"--out={tmp_path / 'pred'}", "--num_noise_samples=20"], cwd=helpers.ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  whole = io.load_landmarks(tmp_path / "pred" / f"{unseen_case.id}.mrk.json", names)
+  assert not np.isnan(whole).any()  # a whole head: nothing absent
+  assert np.linalg.norm(whole - truth_mm, axis=-1).mean() < 1.5
+  cut = io.load_landmarks(tmp_path / "pred" / "slab.mrk.json", names)
+  direction = affine[:3, axis] / step
+  far = np.abs((truth_mm - truth_mm[names.index("AC")]) @ direction) > 25.0
+  assert far.sum() >= 3 and np.isnan(cut[far]).all(), (far, cut)
