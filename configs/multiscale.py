@@ -18,8 +18,10 @@ Variants (the sizes; every other Table-1 config derives from these):
                   python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 \\
                       --out=pretrained/afids6
   "afids6_real"   "afids6" from scratch with the real-scan variation (use_real_scan_variation, cosine
-                  learning rate), 75 epochs: a candidate to replace it (T2w 2.04 mm where afids6 gives 12.6;
-                  docs/results.md, "Without field-of-view crops")
+                  learning rate), 75 epochs: the shipped default pretrained/afids6_real (T2w 1.67 mm where
+                  afids6 gives 12.6; docs/results.md, "The shipped real-scan model"), exported with
+                  python export_model.py --config=configs/multiscale.py:afids6_real --workdir=workdirs/afids6_real \\
+                      --out=pretrained/afids6_real
   "afids6_real_ft" the same variation, fine-tuning pretrained/afids6 for 15 epochs (flat loss weights,
                   cosine learning rate): measured worse on another contrast (docs/results.md)
   "afids32"       all 32 AFIDs at 1 mm: 4 scales at 8, 4, 2, 1 mm over 256 mm (32^3 to 256^3), 24^3 patches,
