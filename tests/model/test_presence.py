@@ -61,14 +61,14 @@ def test_presence_learns_that_a_landmark_was_cropped_away():
                                    affines=_batch(train[:1])["affines"], learning_rate=3e-3)
   step = jax.jit(functools.partial(steps.train_step, key=None, weights=jnp.array([1.0, 1.0]), presence_weight=10.0))
   batch = _batch(train)
-  for _ in range(150):
+  for _ in range(300):
     state, metrics = step(state, batch)
   assert float(metrics["presence_bce"]) < 0.2
   test = [_case(rng, crop_second=crop) for crop in (False, True, False, True)]
   out = model.apply({"params": state.params}, *[_batch(test)[k] for k in ("volumes", "affines")])
   probability = np.asarray(jax.nn.sigmoid(out["presence_logit"]))
   assert np.all(probability[:, 0] > 0.8), probability
-  assert np.all(probability[[0, 2], 1] > 0.8), probability
+  assert np.all(probability[[0, 2], 1] > 0.9), probability
   assert np.all(probability[[1, 3], 1] < 0.2), probability
 
 
