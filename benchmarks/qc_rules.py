@@ -14,8 +14,8 @@ read from the field of view is below `qc.UNCERTAIN_BELOW`.
 
 Then absence: today a landmark is `absent` when its coarse prediction lies outside the image's grid
 (presence below `qc.ABSENT_BELOW`); the alternative also calls a flagged landmark absent when the image
-is partial (its field of view shorter than `--partial-mm` along some axis: no whole head fits), on the
-reading that a landmark the model cannot localise in a slab is, most often, not in it.
+is partial (its field of view shorter than `qc.PARTIAL_FRACTION` of the shortest validation image along
+some axis, as `qc.fit` sets `partial_fov_mm`: no whole head fits), on the reading that a landmark the model cannot localise in a slab is, most often, not in it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,6 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("points", nargs="+", help="points_<model>.npz files from benchmarks/stress.py --points")
   parser.add_argument("--quantiles", default="0.97,0.98,0.99")
-  parser.add_argument("--partial-mm", type=float, default=100.0)
   args = parser.parse_args()
   for path in args.points:
     sets = load(Path(path))
@@ -97,13 +96,16 @@ def main() -> None:
     fit = signals(val, scale)
     good = fit["error"] < qc.GOOD_MM
     per_set = {name: signals(arrays, scale) for name, arrays in sets.items()}
+    partial_mm = qc.PARTIAL_FRACTION * float(np.nanmin(val["fov_mm"]))
     print(f"{Path(path).name}: calibration scale {scale:.3f} (validation, {good.sum()} of {good.size} points "
           f"within {qc.GOOD_MM} mm)")
     print("| rule | quantile | stress: flagged of > 3 mm | flagged of < 1.5 mm | t2w: flagged of > 4 mm | "
           "test: flagged of < 1.5 mm | per set: flagged of > 3 mm |")
     print("|" + "---|" * 7)
-    for q in [float(v) for v in args.quantiles.split(",")]:
-      thresholds = {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "scale_gap", "noise_shift")}
+    quantiles = [float(v) for v in args.quantiles.split(",")]
+    thresholds_at = {q: {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "scale_gap", "noise_shift")}
+                     for q in quantiles}
+    for q, thresholds in thresholds_at.items():
       for rule_name, rule in RULES.items():
         by_set = {name: figures(s, thresholds, rule) for name, s in per_set.items()}
         stress = [f for name, f in by_set.items() if name != "test"]
@@ -119,9 +121,8 @@ def main() -> None:
     print("\n| absent when | rule | quantile | absent called absent | present called absent (slab) | "
           "present called absent (whole heads) |")
     print("|" + "---|" * 6)
-    for q in [float(v) for v in args.quantiles.split(",")]:
-      thresholds = {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "scale_gap", "noise_shift")}
-      for partial in (None, args.partial_mm):
+    for q, thresholds in thresholds_at.items():
+      for partial in (None, partial_mm):
         for rule_name, rule in (RULES.items() if partial else [("–", ())]):
           counts = {name: absence(s, flags(s, thresholds, rule), partial) for name, s in per_set.items()}
           whole = [c for n, c in counts.items() if n != "slab"]

@@ -113,8 +113,7 @@ def point_arrays(records: list[dict], examples, *, model_names, data_names) -> d
           "presence": np.stack([r["presence"][mi] if r.get("presence") is not None else np.full(len(mi), np.nan)
                                 for r in records]),
           "present": np.stack([ex.presence()[di] for ex in examples]),
-          "fov_mm": np.stack([np.full(3, np.nan) if ex.grid is None else
-                              geometry.voxel_spacing_mm(ex.grid[0]) * np.asarray(ex.grid[1]) for ex in examples])}
+          "fov_mm": np.stack([np.full(3, np.nan) if r.get("fov_mm") is None else r["fov_mm"] for r in records])}
 
 
 def _auc(absent: np.ndarray, present: np.ndarray) -> float | None:

@@ -27,8 +27,8 @@ an anatomy the model cannot read) are. Without noise samples only presence decid
 shorter than half of anything the model was checked on along some axis cannot hold what it learnt to read
 (for the AFIDs, a whole head: 193 mm, so 96.5 mm). Why absent rather than uncertain there: a model that
 cannot localise a landmark in a slab is, far more often than not, looking for one the slab does not hold,
-and its guess lies on the slab's edge; measured on the AFIDs stress sets (docs/results.md, "QC and
-absence"), this calls every landmark outside the slabs absent and no landmark of a whole head, where the
+and its guess lies on the slab's edge; measured on the AFIDs stress sets (docs/results.md, "The shipped
+real-scan model"), this calls every landmark outside the slabs absent and no landmark of a whole head, where the
 field-of-view rule alone found 8 % of them. The price: in a slab, a present landmark the model is unsure
 of is reported absent too (no coordinates instead of a wrong point).
 """
