@@ -119,6 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
   aug.fov_slab_probability = 0.5
   aug.fov_min_mm = 40.0
   aug.fov_shift_mm = 40.0
+  aug.finest_margin_mm = 0.0  # > 0: the host computes the finest level only this near the landmarks (speed)
   train.presence_weight = 1.0  # weight of the presence cross-entropy in the loss (model.presence=True)
   # True: a finer scale's squared error counts only for the landmarks inside its input patch (a patch
   # that missed its landmark, as after a poor coarse guess on a field-of-view crop, has nothing to learn it

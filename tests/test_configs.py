@@ -30,7 +30,10 @@ def test_configs_build_their_models():
   assert scratch.train.augmentation.fov_min_mm < tuned.train.augmentation.fov_min_mm
   assert not tuned.model.presence and not scratch.model.presence  # presence from the field of view (eval/qc.py)
   every = multiscale.get_config("afids32")
-  assert every.train.augmentation.to_dict() == scratch.train.augmentation.to_dict()  # the afids6_real recipe
+  draws = {**every.train.augmentation.to_dict(), "finest_margin_mm": 0.0}
+  assert draws == scratch.train.augmentation.to_dict()  # the afids6_real recipe's draws
+  # its 1 mm finest level computed only where the crops read: patch half-width + noise + the 2 mm scale's error
+  assert every.train.augmentation.finest_margin_mm >= every.model.patch_size / 2 + every.model.noise_mm + 10
   assert (every.train.lr_schedule, every.train.augment_on) == ("cosine", "host")
   assert tuple(every.data.spacings_mm) == (8.0, 4.0, 2.0, 1.0) and every.data.finest_size == 256  # 256 mm at 1 mm
   assert from_config.landmark_names(every.data) == afids.AFID_NAMES and every.data.afids_dir != paper.data.afids_dir

@@ -36,6 +36,9 @@ def test_the_augmentation_section_declares_every_setting_with_its_default():
   assert varied.deform_mm > 0 and varied.fov_probability == 0.3 and varied.lut_probability > 0
   assert augment_host.host_only_fields(varied) == []  # the device implements every variation
   assert augment_host.host_only_fields(augment_host.AugmentSettings(elastic_mm=2.0)) == ["elastic_mm"]
+  # the finest region is the host's shortcut: a device run computes the whole grid instead of refusing
+  every = from_config.augment_settings(multiscale.get_config("afids32").train)
+  assert every.finest_margin_mm > 0 and augment_host.host_only_fields(every) == []
   config.train.augmentation.unlock()
   config.train.augmentation.warp = 1.0
   with pytest.raises(from_config.ConfigError, match=r"unknown train.augmentation fields \['warp'\]"):

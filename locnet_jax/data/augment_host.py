@@ -7,7 +7,10 @@ at world point p is the old one at inv(T)(p + d(p)), on the same grid (same affi
 move to where that map sends them. Then the contrast changes (`variation`: a random intensity lookup
 table, a bias field, blur, thick slices), then gamma, scale, shift and noise, drawn once per case and
 applied to every level alike (the noise per level); last, an optional random field of view zeroes the
-image outside a box, and the landmarks outside it (or outside the grid) are marked absent. With a marked
+image outside a box, and the landmarks outside it (or outside the grid) are marked absent. With
+`finest_margin_mm` the finest level, most of the work (8x the next level's voxels), is computed only in a
+box around the moved landmarks (`finest_region`): the finer scales crop patches around the landmarks, so
+what lies farther away is never read once the coarser scales have converged. With a marked
 outside (`outside_value` < 0) the image's inside mask moves with it, and the marker fills the rest. A landmark cut
 away by the field of view but still on the grid keeps its position as a target: the model learns where
 it lies beyond the image's edge, which is how presence is read at prediction time (`eval/qc.py`).
@@ -56,6 +59,10 @@ class AugmentSettings:
   # the pyramid's value outside the image (the data recipe's, `preprocess.split_outside`): 0, or < 0 to mark
   # it, kept outside the moved image and the field of view, never changed by the intensity draws
   outside_value: float = 0.0
+  # > 0: the finest level is computed only within this many mm of the moved landmarks' bounding box, and
+  # is `outside_value` beyond it (`finest_region`): its crops read nothing else while the next-coarser
+  # scale is within (margin - patch half-width - noise) mm of each landmark. 0: the whole grid.
+  finest_margin_mm: float = 0.0
 
 
 DEVICE_FIELDS = ("max_rotation_deg", "max_scale", "max_translation_mm", "max_gamma", "max_intensity_scale",
@@ -63,13 +70,14 @@ DEVICE_FIELDS = ("max_rotation_deg", "max_scale", "max_translation_mm", "max_gam
                  "lut_probability", "lut_knots", "max_bias_log", "max_blur_mm", "thick_probability",
                  "max_thickness_mm", "fov_probability", "fov_slab_probability", "fov_min_mm",
                  "fov_shift_mm", "outside_value")  # what `augment_device` implements; the rest (elastic_mm) is host-only
+SPEED_FIELDS = ("finest_margin_mm",)  # the host's shortcuts: the device computes the whole grid instead
 
 
 def host_only_fields(settings: AugmentSettings) -> list[str]:
   """The fields of `settings` set away from their defaults that only the host augmentation implements."""
   default = AugmentSettings()
   return [f.name for f in dataclasses.fields(settings)
-          if f.name not in DEVICE_FIELDS and getattr(settings, f.name) != getattr(default, f.name)]
+          if f.name not in DEVICE_FIELDS + SPEED_FIELDS and getattr(settings, f.name) != getattr(default, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,26 +144,31 @@ def move_points(points_mm: np.ndarray, *, transform: np.ndarray, elastic=None, i
   return p
 
 
-def transform_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray) -> np.ndarray:
-  """The image moved by the world transform `transform`, on its own grid (0 outside the old image)."""
-  vox_map = np.linalg.inv(affine) @ np.linalg.inv(transform) @ affine  # new voxel -> old voxel
+def transform_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, *,
+                     out_grid=None) -> np.ndarray:
+  """The image moved by the world transform `transform`, on its own grid or on `out_grid` ((affine,
+  shape), e.g. a box of it: `finest_region`), 0 outside the old image."""
+  out_affine, out_shape = out_grid if out_grid is not None else (affine, volume.shape)
+  vox_map = np.linalg.inv(affine) @ np.linalg.inv(transform) @ out_affine  # new voxel -> old voxel
   return scipy.ndimage.affine_transform(np.asarray(volume, np.float32), vox_map[:3, :3], offset=vox_map[:3, 3],
-                                        order=1, mode="constant", cval=0.0, prefilter=False)
+                                        output_shape=tuple(out_shape), order=1, mode="constant", cval=0.0,
+                                        prefilter=False)
 
 
 def warp_volume(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, field: variation.DisplacementField,
-                *, slab: int = 32) -> np.ndarray:
-  """The image under the warp of `source_points(transform, field)`, on its own grid (0 outside the old
-  image): `preprocess.resample` with that world map, the field evaluated separably (`on_grid`), in slabs
-  of the first axis (memory bounded at 448^3)."""
+                *, slab: int = 32, out_grid=None) -> np.ndarray:
+  """The image under the warp of `source_points(transform, field)`, on its own grid or on `out_grid`
+  ((affine, shape)), 0 outside the old image: `preprocess.resample` with that world map, the field
+  evaluated separably (`on_grid`), in slabs of the first axis (memory bounded at 448^3)."""
   volume = np.asarray(volume, np.float32)
+  out_affine, out_shape = out_grid if out_grid is not None else (affine, volume.shape)
   to_source = np.linalg.inv(affine) @ np.linalg.inv(transform)  # world mm -> old voxel
-  vox_map = to_source @ affine  # new voxel -> old voxel, before the field
-  x, y, z = (np.arange(n, dtype=np.float64) for n in volume.shape)
-  out = np.empty(volume.shape, np.float32)
-  for x0 in range(0, volume.shape[0], slab):
-    rows = slice(x0, min(x0 + slab, volume.shape[0]))
-    displacement = field.on_grid(affine, volume.shape, rows)  # (x', Y, Z, 3) mm
+  vox_map = to_source @ out_affine  # new voxel -> old voxel, before the field
+  x, y, z = (np.arange(n, dtype=np.float64) for n in out_shape)
+  out = np.empty(tuple(out_shape), np.float32)
+  for x0 in range(0, out_shape[0], slab):
+    rows = slice(x0, min(x0 + slab, out_shape[0]))
+    displacement = field.on_grid(out_affine, out_shape, rows)  # (x', Y, Z, 3) mm
     source = displacement @ to_source[:3, :3].T  # (x', Y, Z, 3) old voxels
     source += (x[rows, None, None, None] * vox_map[:3, 0] + y[None, :, None, None] * vox_map[:3, 1]
                + z[None, None, :, None] * vox_map[:3, 2] + vox_map[:3, 3])
@@ -197,14 +210,40 @@ def _apply_contrast(volume: np.ndarray, affine: np.ndarray, draws: dict) -> np.n
   return volume
 
 
-def _move(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, field) -> np.ndarray:
-  """One level under the case's world transform and displacement (none, elastic or `DisplacementField`)."""
+def _move(volume: np.ndarray, affine: np.ndarray, transform: np.ndarray, field, out_grid) -> np.ndarray:
+  """One level under the case's world transform and displacement (none, elastic or `DisplacementField`),
+  on `out_grid` (affine, shape)."""
   if field is None:
-    return transform_volume(volume, affine, transform)
+    return transform_volume(volume, affine, transform, out_grid=out_grid)
   if isinstance(field, variation.DisplacementField):
-    return warp_volume(volume, affine, transform, field)
-  return preprocess.resample(volume, affine, target_affine=affine, target_shape=volume.shape,
+    return warp_volume(volume, affine, transform, field, out_grid=out_grid)
+  return preprocess.resample(volume, affine, target_affine=out_grid[0], target_shape=out_grid[1],
                              world_map=source_points(transform, field))
+
+
+def finest_region(affine: np.ndarray, shape, points_mm: np.ndarray, *, margin_mm: float) -> tuple[slice, ...] | None:
+  """The voxel box (3 slices) of a grid (voxel->RAS `affine`, `shape`) within `margin_mm` of the bounding
+  box of `points_mm` (K, 3) RAS mm (NaN rows ignored), clipped to the grid; None (the whole grid) when
+  `margin_mm` <= 0 or no point is finite."""
+  points = np.asarray(points_mm, np.float64)
+  points = points[np.all(np.isfinite(points), axis=-1)]
+  if margin_mm <= 0 or len(points) == 0:
+    return None
+  lower, upper = points.min(0) - margin_mm, points.max(0) + margin_mm
+  corners = np.array(np.meshgrid(*zip(lower, upper), indexing="ij")).reshape(3, -1).T
+  vox = geometry.mm_to_vox(corners, affine)
+  first = np.clip(np.floor(vox.min(0)).astype(int), 0, np.asarray(shape) - 1)
+  last = np.clip(np.ceil(vox.max(0)).astype(int), 0, np.asarray(shape) - 1)
+  return tuple(slice(int(a), int(b) + 1) for a, b in zip(first, last))
+
+
+def _sub_grid(affine: np.ndarray, shape, box) -> tuple[np.ndarray, tuple[int, ...]]:
+  """(affine, shape) of the voxel box `box` (slices, or None: the whole grid) of a grid."""
+  if box is None:
+    return np.asarray(affine, np.float64), tuple(shape)
+  start = np.eye(4)
+  start[:3, 3] = [b.start for b in box]
+  return np.asarray(affine, np.float64) @ start, tuple(b.stop - b.start for b in box)
 
 
 def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generator,
@@ -230,21 +269,27 @@ def augment_case(pyramid: Pyramid, target_mm: np.ndarray, rng: np.random.Generat
     fov = variation.random_field_of_view(rng, center_mm=center, extent_mm=box[1] - box[0],
                                          min_mm=settings.fov_min_mm, slab_probability=settings.fov_slab_probability)
   contrast = _contrast(rng, settings, box)
+  moved_target = move_points(target_mm, transform=transform, elastic=field)
   volumes = []
-  for level, affine in zip(pyramid.volumes, pyramid.affines):
+  for s, (level, affine) in enumerate(zip(pyramid.volumes, pyramid.affines)):
+    region = (finest_region(affine, level.shape, moved_target, margin_mm=settings.finest_margin_mm)
+              if s == len(pyramid.volumes) - 1 else None)
+    out_affine, out_shape = _sub_grid(affine, level.shape, region)
     volume, image_mask = preprocess.split_outside(level, outside_value=settings.outside_value)
-    moved = _move(volume, affine, transform, field)
-    moved = _apply_contrast(moved, affine, contrast)
+    moved = _move(volume, affine, transform, field, (out_affine, out_shape))
+    moved = _apply_contrast(moved, out_affine, contrast)
     moved = np.clip(moved, 0, None) ** gamma * scale + shift
     if settings.noise_std:
       moved = moved + rng.normal(0.0, settings.noise_std, moved.shape)
-    keep = None if image_mask is None else _move(image_mask, affine, transform, field) > 0.5
+    keep = None if image_mask is None else _move(image_mask, affine, transform, field, (out_affine, out_shape)) > 0.5
     if fov is not None:
-      keep = fov.mask(affine, moved.shape) & (True if keep is None else keep)
+      keep = fov.mask(out_affine, moved.shape) & (True if keep is None else keep)
     if keep is not None:
       moved = np.where(keep, moved, settings.outside_value)
+    if region is not None:
+      moved, inner = np.full(level.shape, settings.outside_value, np.float32), moved
+      moved[region] = inner
     volumes.append(moved.astype(np.float32))
-  moved_target = move_points(target_mm, transform=transform, elastic=field)
   annotated = np.all(np.isfinite(moved_target), axis=-1)
   on_grid = variation.FieldOfView(*box).contains(moved_target)
   inside = on_grid if fov is None else on_grid & fov.contains(moved_target)
