@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 from typing import Any
@@ -47,6 +48,16 @@ def _init_worker(parent_pid: int, initializer, initargs) -> None:
   die_with_parent(parent_pid)
   if initializer is not None:
     initializer(*initargs)
+
+
+def host_description() -> str:
+  """The machine a run used, for its records: "<CPU model>, <n> cores, <JAX device kind> x<count>"."""
+  cpu = platform.processor() or "unknown CPU"
+  if os.path.isfile("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  devices = jax.local_devices()
+  return f"{cpu}, {os.cpu_count()} cores, {devices[0].device_kind} x{len(devices)}"
 
 
 def cpu_workers() -> int:

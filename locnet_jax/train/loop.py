@@ -245,6 +245,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
   augment_fn = jax.jit(functools.partial(augment_device.augment_batch, settings=augment)) if on_device else None
   augment_root = jax.random.fold_in(root, 2)
   batches = _training_batches(config, data, mesh=mesh, host_augment=None if on_device else augment, log=log)
+  host = parallel.host_description()  # in every epoch record: a resumed run may change machines
   progress = reporting.Progress(num_epochs=epochs, steps_per_epoch=batches.steps_per_epoch(),
                                 first_epoch=first_epoch)
   with batches, reporting.MetricsLog(workdir, purge_step=step if step else None) as metrics_log:
@@ -289,7 +290,7 @@ def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, stat
       record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(epoch_loss)),
                 "loss_weights": [round(float(w), 4) for w in np.asarray(weights)],
                 "val_error_mm": [round(float(e), 4) for e in val_error], "best": is_best,
-                "epoch_s": round(time.perf_counter() - start, 2)}
+                "epoch_s": round(time.perf_counter() - start, 2), "host": host}
       if epoch_bce:  # how well the presence output fits the training crops
         record["train_presence_bce"] = round(float(np.mean(epoch_bce)), 4)
       if trainable is not None:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from locnet_jax import io
+from locnet_jax import io, parallel
 from tests import helpers
 
 pytestmark = [pytest.mark.slow,  # the end-to-end subprocess tier
@@ -110,6 +110,7 @@ def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   card = json.loads((tmp_path / "model" / "model.json").read_text())
   assert card["landmarks"] == ["A", "B"] and card["epochs"] == 2 and card["config"]["model"]["patch_size"] == 8
+  assert card["trained_on"] == [parallel.host_description()]  # the machine the epochs ran on, from their records
   assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2e5  # parameters only
   image = manifest.parent / "c0.nii.gz"
   for source in (workdir, tmp_path / "model"):
