@@ -28,6 +28,9 @@ Variants (the sizes; every other Table-1 config derives from these):
                   8 base channels, 25 epochs of the afids6_real recipe (the real-scan variation, cosine
                   learning rate; the finest level augmented only within 40 mm of the landmarks), its own
                   benchmark in data/afids32 (80 min on 2 cores: resumable, rerun the same command)
+  "afids32_more"  25 more epochs of "afids32" from its export pretrained/afids32 (flat loss weights, cosine
+                  learning rate from 5e-4): how training continues past one session on machines that keep
+                  nothing but the repository; export the run over pretrained/afids32 to chain another
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
                   tests and a smoke run).
 
@@ -39,23 +42,23 @@ import ml_collections
 from configs import default
 from locnet_jax.data import afids
 
-VARIANTS = ("", "demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "synthetic_demo")
+VARIANTS = ("", "demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "afids32_more", "synthetic_demo")
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(repr(v) for v in VARIANTS)})")
   config = default.get_config()
-  if variant in ("demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "synthetic_demo"):
+  if variant in ("demo", "afids6", "afids6_real", "afids6_real_ft", "afids32", "afids32_more", "synthetic_demo"):
     config.data.spacings_mm = (8.0, 4.0, 2.0)
     config.data.finest_size = 128
     config.model.patch_size = 24
     config.model.unet.base_channels = 8
     config.train.num_epochs = 15
     config.train.learning_rate = 1e-3
-  if variant in ("afids6", "afids6_real", "afids6_real_ft", "afids32"):
+  if variant in ("afids6", "afids6_real", "afids6_real_ft", "afids32", "afids32_more"):
     config.train.num_epochs = 50
-  if variant == "afids32":  # one more level: 1 mm, the raters' resolution
+  if variant in ("afids32", "afids32_more"):  # one more level: 1 mm, the raters' resolution
     config.data.spacings_mm = (8.0, 4.0, 2.0, 1.0)
     config.data.finest_size = 256
     config.data.afids_dir = "data/afids32"
@@ -63,16 +66,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # the 256^3 finest level is 87 % of the host's augmentation; its 24 mm crops (+-5 mm noise) read only
     # within 17 mm of the 2 mm scale's prediction: compute it within 40 mm of the landmarks (3.3x less work)
     config.train.augmentation.finest_margin_mm = 40.0
-  if variant in ("afids6_real", "afids6_real_ft", "afids32"):
+  if variant in ("afids6_real", "afids6_real_ft", "afids32", "afids32_more"):
     use_real_scan_variation(config)
-  if variant == "afids32":  # 188 s an epoch on 2 cores (AMD EPYC): 25 epochs fit one 3-hour session with its
-    config.train.num_epochs = 25  # evaluation; `afids32` trained past that starts from pretrained/afids32
+  if variant in ("afids32", "afids32_more"):  # 170-190 s an epoch on 2 cores (AMD EPYC): 25 epochs fit
+    config.train.num_epochs = 25  # one 3-hour session with their evaluation
     config.train.loader_workers = 1  # with the finest region one worker keeps ahead of the training step
   if variant == "afids6_real":  # 50 epochs reached 0.97 mm on plain validation, still falling (docs/results.md)
     config.train.num_epochs = 75
-  if variant in ("afids6_real", "afids32"):  # from scratch: the learning rate falls to 0 over the run (converges
+  if variant in ("afids6_real", "afids32", "afids32_more"):  # the learning rate falls to 0 over the run (converges
     config.train.lr_schedule = "cosine"  # at the end); crops, when on, down to 20 mm (partial acquisitions
     config.train.augmentation.fov_min_mm = 20.0  # as thin as 30 mm exist)
+  if variant == "afids32_more":  # continued from the export; run from the repository root
+    config.train.init_from = "pretrained/afids32"
+    config.train.schedule = "flat"
+    config.train.learning_rate = 5e-4
   if variant == "afids6_real_ft":  # fine-tuned from the plain model; run from the repository root
     config.train.init_from = "pretrained/afids6"
     config.train.schedule = "flat"

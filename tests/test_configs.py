@@ -37,7 +37,11 @@ def test_configs_build_their_models():
   assert (every.train.lr_schedule, every.train.augment_on) == ("cosine", "host")
   assert tuple(every.data.spacings_mm) == (8.0, 4.0, 2.0, 1.0) and every.data.finest_size == 256  # 256 mm at 1 mm
   assert from_config.landmark_names(every.data) == afids.AFID_NAMES and every.data.afids_dir != paper.data.afids_dir
-  for config in (tuned, scratch, paper, every):
+  more = multiscale.get_config("afids32_more")  # continues the export with the same draws and data
+  assert (more.train.init_from, more.train.schedule, more.train.lr_schedule) == ("pretrained/afids32", "flat", "cosine")
+  assert more.train.augmentation.to_dict() == every.train.augmentation.to_dict() and more.data == every.data
+  assert more.model == every.model and more.train.learning_rate < every.train.learning_rate
+  for config in (tuned, scratch, paper, every, more):
     from_config.validate(config)
 
 
