@@ -4,7 +4,8 @@ self-contained model folder for predict.py.
     python export_model.py --config=configs/multiscale.py:afids6 --workdir=workdirs/afids6 --out=pretrained/afids6
 
 The folder holds `params/` (Orbax, parameters only: no optimiser state) and `model.json` (the config,
-landmark names, training time and hardware, validation and test errors when `evaluate.py` has run).
+landmark names, the training data, each training run's time and hardware (with those of the models a
+continued run started from), validation and test errors when `evaluate.py` has run, QC and calibration).
 """
 
 import sys
@@ -29,7 +30,8 @@ def main(argv):
   try:
     from_config.check_model_config(config, workdir)
     data = from_config.load_data(config.data, seed=config.seed, log=lambda *_: None)
-    card = restore.export(config, workdir, Path(_OUT.value), example=data.val[0], notes=_NOTES.value)
+    card = restore.export(config, workdir, Path(_OUT.value), example=data.val[0], notes=_NOTES.value,
+                          training_data=from_config.data_recipe(config.data, seed=config.seed))
   except (io.DataError, from_config.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

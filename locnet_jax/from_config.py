@@ -154,6 +154,17 @@ def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=prin
   return folder / "dataset.json"
 
 
+def data_recipe(data_config: ml_collections.ConfigDict, *, seed: int) -> dict:
+  """What a model card records of the data a model was trained on: the data set's name (the AFIDs
+  builder's names its template and seed), its manifest and its cases per split; synthetic data, its seed
+  and counts."""
+  if data_config.source == "synthetic":
+    return {"source": "synthetic", "seed": seed, "cases": {"train": data_config.num_train, "val": data_config.num_val}}
+  manifest = dataset.load_manifest(manifest_path(data_config, seed=seed, log=lambda *_: None))
+  return {"source": data_config.source, "name": manifest.name, "manifest": str(manifest.path),
+          "cases": {split: sum(case.split == split for case in manifest.cases) for split in dataset.SPLITS}}
+
+
 def cache_dir(data_config: ml_collections.ConfigDict, manifest: dataset.Manifest) -> Path:
   """The pyramid cache: `data.cache_dir`, else `.locnet_cache` beside the manifest."""
   return Path(data_config.cache_dir) if data_config.cache_dir else manifest.path.parent / ".locnet_cache"

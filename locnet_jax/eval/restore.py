@@ -19,7 +19,7 @@ from locnet_jax import from_config, io
 from locnet_jax.data import loader
 from locnet_jax.eval import qc
 from locnet_jax.train import checkpoints as checkpoints_lib
-from locnet_jax.train import steps
+from locnet_jax.train import loop, steps
 
 
 @dataclasses.dataclass
@@ -72,20 +72,30 @@ def restore(config: ml_collections.ConfigDict, workdir: Path, *, example: loader
 
 
 def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, example: loader.Example,
-           notes: str = "") -> dict:
+           notes: str = "", training_data: dict | None = None) -> dict:
   """Writes the run's parameters (the checkpoint `config.eval.checkpoint` names, as `evaluate` scores it:
   "best" or "latest") and a model card (config, landmarks, provenance, measured errors, and the QC
-  thresholds and uncertainty calibration `evaluate` fitted, which `predict` applies)."""
+  thresholds and uncertainty calibration `evaluate` fitted, which `predict` applies).
+
+  Provenance: `training_data` (what `from_config.data_recipe` says of the data set) and `runs`, one entry
+  per training run the parameters went through: a run continued from exported models
+  (`train.init_from`) lists theirs first, so `total_training_seconds` is the whole chain's. The cards of
+  `train.init_from` are read before anything is written (a continued run may be exported over them)."""
   trained = restore(config, workdir, example=example, which=config.eval.get("checkpoint", "best"))
   records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   results_path = Path(workdir) / "eval" / "test" / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else None
+  run = {"workdir": str(workdir), "epochs": len(records),
+         "training_seconds": round(sum(r["epoch_s"] for r in records), 1),
+         "trained_on": sorted({r.get("host", "not recorded") for r in records}),
+         "init_from": config.train.get("init_from", "") or None}
+  runs = earlier_runs(config.train.get("init_from", "")) + [run]
   card = {"landmarks": list(trained.names), "config": json.loads(config.to_json_best_effort()),
           "checkpoint": str(trained.checkpoint), "best_epoch": trained.meta.get("best_epoch"),
           "best_val_error_mm": trained.meta.get("best_val_error_mm"), "epochs": len(records),
-          "training_seconds": round(sum(r["epoch_s"] for r in records), 1),
-          "trained_on": sorted({r.get("host", "not recorded") for r in records}),
-          "exported_with_jax": jax.__version__,
+          "training_seconds": run["training_seconds"], "trained_on": run["trained_on"],
+          "runs": runs, "total_training_seconds": round(sum(r["training_seconds"] for r in runs), 1),
+          "training_data": training_data, "exported_with_jax": jax.__version__,
           "test": None if results is None else {"data": results["data"], "split": results["split"],
                                                  "overall": results["overall"],
                                                  "uncertainty": results.get("uncertainty"),
@@ -94,3 +104,18 @@ def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, examp
           "qc": qc.load(workdir), "notes": notes}
   checkpoints_lib.export_model(out, trained.params, card)
   return card
+
+
+def earlier_runs(init_from: str) -> list[dict]:
+  """The training runs behind `train.init_from`'s exported models, oldest first, from their cards (a card
+  from before `runs` were recorded counts as one run of its `epochs` and `training_seconds`)."""
+  runs = []
+  for source in loop.init_sources(init_from or ""):
+    card_path = Path(source) / checkpoints_lib.EXPORT_META
+    if not card_path.is_file():
+      continue  # a training workdir, not an exported model: its own records are not in a card
+    card = json.loads(card_path.read_text())
+    runs += card.get("runs") or [{"workdir": card.get("checkpoint"), "epochs": card.get("epochs"),
+                                  "training_seconds": card.get("training_seconds", 0.0),
+                                  "trained_on": card.get("trained_on"), "init_from": None}]
+  return runs

@@ -111,6 +111,9 @@ def test_an_exported_model_predicts_exactly_as_its_run(tiny_run, tmp_path):
   card = json.loads((tmp_path / "model" / "model.json").read_text())
   assert card["landmarks"] == ["A", "B"] and card["epochs"] == 2 and card["config"]["model"]["patch_size"] == 8
   assert card["trained_on"] == [parallel.host_description()]  # the machine the epochs ran on, from their records
+  assert [run["epochs"] for run in card["runs"]] == [2]
+  assert card["total_training_seconds"] == card["training_seconds"] > 0
+  assert card["training_data"]["manifest"] == str(manifest.resolve()) and card["training_data"]["cases"]["train"] > 0
   assert sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file()) < 2e5  # parameters only
   image = manifest.parent / "c0.nii.gz"
   for source in (workdir, tmp_path / "model"):

@@ -126,3 +126,20 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     assert not (locked / "new").exists()
   finally:
     locked.chmod(0o700)
+
+
+def test_a_continued_models_card_counts_the_runs_it_continued(tmp_path):
+  """`restore.earlier_runs` reads the cards of `train.init_from` in order: a card with `runs` gives them
+  all, an older card (no `runs`) counts as one run, a training workdir (no card) as none."""
+  chained, old, workdir = tmp_path / "chained", tmp_path / "old", tmp_path / "run"
+  for folder in (chained, old, workdir):
+    folder.mkdir()
+  first = {"workdir": "w1", "epochs": 25, "training_seconds": 4700.0, "trained_on": ["A"], "init_from": None}
+  second = {"workdir": "w2", "epochs": 10, "training_seconds": 1900.5, "trained_on": ["B"], "init_from": "x"}
+  (chained / "model.json").write_text(json.dumps({"runs": [first, second], "epochs": 10}))
+  (old / "model.json").write_text(json.dumps({"checkpoint": "w0/best/9", "epochs": 50, "training_seconds": 812.0,
+                                              "trained_on": "cpu"}))
+  runs = restore.earlier_runs(f"{old}, {workdir},{chained}")
+  assert [r["epochs"] for r in runs] == [50, 25, 10]
+  assert sum(r["training_seconds"] for r in runs) == 812.0 + 4700.0 + 1900.5 and runs[0]["workdir"] == "w0/best/9"
+  assert restore.earlier_runs("") == []
