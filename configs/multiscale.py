@@ -27,7 +27,8 @@ Variants (the sizes; every other Table-1 config derives from these):
   "afids32"       all 32 AFIDs at 1 mm: 4 scales at 8, 4, 2, 1 mm over 256 mm (32^3 to 256^3), 24^3 patches,
                   8 base channels, 25 epochs of the afids6_real recipe (the real-scan variation, cosine
                   learning rate; the finest level augmented only within 40 mm of the landmarks), its own
-                  benchmark in data/afids32 (80 min on 2 cores: resumable, rerun the same command)
+                  benchmark in data/afids32 (72 min on 2 cores; resumable: rerun the same command); shipped as
+                  pretrained/afids32 (2.36 mm on its test split: an interim model, docs/results.md)
   "afids32_more"  25 more epochs of "afids32" from its export pretrained/afids32 (flat loss weights, cosine
                   learning rate from 5e-4): how training continues past one session on machines that keep
                   nothing but the repository; export the run over pretrained/afids32 to chain another
