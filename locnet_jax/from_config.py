@@ -156,12 +156,13 @@ def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=prin
 
 def data_recipe(data_config: ml_collections.ConfigDict, *, seed: int) -> dict:
   """What a model card records of the data a model was trained on: the data set's name (the AFIDs
-  builder's names its template and seed), its manifest and its cases per split; synthetic data, its seed
-  and counts."""
+  builder's names its template and seed), its manifest (relative to the working directory when inside it:
+  a card travels) and its cases per split; synthetic data, its seed and counts."""
   if data_config.source == "synthetic":
     return {"source": "synthetic", "seed": seed, "cases": {"train": data_config.num_train, "val": data_config.num_val}}
   manifest = dataset.load_manifest(manifest_path(data_config, seed=seed, log=lambda *_: None))
-  return {"source": data_config.source, "name": manifest.name, "manifest": str(manifest.path),
+  where = manifest.path.relative_to(Path.cwd()) if manifest.path.is_relative_to(Path.cwd()) else manifest.path
+  return {"source": data_config.source, "name": manifest.name, "manifest": str(where),
           "cases": {split: sum(case.split == split for case in manifest.cases) for split in dataset.SPLITS}}
 
 

@@ -110,3 +110,22 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_preprocessing(tm
   config.data.manifest = ""
   with pytest.raises(from_config.ConfigError, match=rf"train.batch_size=100 exceeds data.num_train={config.data.num_train}"):
     from_config.load_data(config.data, seed=0, log=lambda *_: None, batch_size=100)
+
+
+def test_a_model_card_names_its_data_set_by_a_path_that_travels(tmp_path, monkeypatch):
+  """`data_recipe`: the manifest relative to the working directory when inside it, else absolute; cases per
+  split counted from the manifest."""
+  from configs import multiscale
+  from tests import helpers
+  manifest = helpers.tiny_dataset(tmp_path / "sets" / "tiny", count=4, splits=["train", "train", "val", "test"])
+  config = multiscale.get_config("synthetic_demo").data
+  config.source, config.manifest = "manifest", str(manifest)
+  monkeypatch.chdir(tmp_path)
+  recipe = from_config.data_recipe(config, seed=0)
+  assert recipe["manifest"] == "sets/tiny/dataset.json" and recipe["cases"] == {"train": 2, "val": 1, "test": 1}
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  assert from_config.data_recipe(config, seed=0)["manifest"] == str(manifest.resolve())
+  config.source = "synthetic"
+  assert from_config.data_recipe(config, seed=3) == {"source": "synthetic", "seed": 3,
+                                                      "cases": {"train": config.num_train, "val": config.num_val}}
