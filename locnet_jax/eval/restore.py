@@ -85,11 +85,11 @@ def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, examp
   records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   results_path = Path(workdir) / "eval" / "test" / "results.json"
   results = json.loads(results_path.read_text()) if results_path.is_file() else None
+  init_from = config.train.get("init_from", "")
   run = {"workdir": str(workdir), "epochs": len(records),
          "training_seconds": round(sum(r["epoch_s"] for r in records), 1),
-         "trained_on": sorted({r.get("host", "not recorded") for r in records}),
-         "init_from": config.train.get("init_from", "") or None}
-  runs = earlier_runs(config.train.get("init_from", "")) + [run]
+         "trained_on": sorted({r.get("host", "not recorded") for r in records}), "init_from": init_from or None}
+  runs = earlier_runs(init_from) + [run]
   card = {"landmarks": list(trained.names), "config": json.loads(config.to_json_best_effort()),
           "checkpoint": str(trained.checkpoint), "best_epoch": trained.meta.get("best_epoch"),
           "best_val_error_mm": trained.meta.get("best_val_error_mm"), "epochs": len(records),
@@ -110,7 +110,7 @@ def earlier_runs(init_from: str) -> list[dict]:
   """The training runs behind `train.init_from`'s exported models, oldest first, from their cards (a card
   from before `runs` were recorded counts as one run of its `epochs` and `training_seconds`)."""
   runs = []
-  for source in loop.init_sources(init_from or ""):
+  for source in loop.init_sources(init_from):
     card_path = Path(source) / checkpoints_lib.EXPORT_META
     if not card_path.is_file():
       continue  # a training workdir, not an exported model: its own records are not in a card
