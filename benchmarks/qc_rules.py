@@ -8,7 +8,8 @@
 Signals per point (mm): "radius", the largest semi-axis of the calibrated 90 % ellipsoid of the noise
 samples (what QC reads today); "scale_gap", how far the finest scale's deterministic prediction lies from the
 scale before it (the chain's own disagreement); "noise_shift", how far the samples' mean lies from the
-deterministic finest prediction. A rule flags a point when any of its signals exceeds the `--quantile`
+deterministic finest prediction; "radius_rel", "radius" over its landmark's median "radius" on the validation
+split (a landmark-relative rule: landmarks differ in how sharp their heatmaps are). A rule flags a point when any of its signals exceeds the `--quantile`
 quantile of that signal over the validation points closer than 1.5 mm to the truth, or when the presence
 read from the field of view is below `qc.UNCERTAIN_BELOW`.
 
@@ -31,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from locnet_jax.eval import metrics, qc  # noqa: E402
 
-RULES = {"radius": ("radius",), "radius+scale_gap": ("radius", "scale_gap"),
+RULES = {"radius": ("radius",), "radius_rel": ("radius_rel",), "radius_rel+noise_shift": ("radius_rel", "noise_shift"),
+         "radius+scale_gap": ("radius", "scale_gap"),
          "radius+noise_shift": ("radius", "noise_shift"), "all three": ("radius", "scale_gap", "noise_shift")}
 
 
@@ -45,11 +47,13 @@ def load(path: Path) -> dict[str, dict[str, np.ndarray]]:
   return sets
 
 
-def signals(arrays: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
-  """(C, L) per signal (module docstring), the radial error and the truth's presence."""
+def signals(arrays: dict[str, np.ndarray], scale: float, typical_radius_mm: np.ndarray) -> dict[str, np.ndarray]:
+  """(C, L) per signal (module docstring; `typical_radius_mm` (L,) each landmark's median validation radius),
+  the radial error and the truth's presence."""
   det, mean = arrays["det_mm"], arrays["mean_mm"]
+  radius = qc.radius_mm(arrays["std_mm"], scale)
   return {"error": metrics.radial_errors(mean, arrays["truth_mm"]),
-          "radius": qc.radius_mm(arrays["std_mm"], scale),
+          "radius": radius, "radius_rel": radius / typical_radius_mm,
           "scale_gap": np.linalg.norm(det[:, -1] - det[:, -2], axis=-1),
           "noise_shift": np.linalg.norm(mean - det[:, -1], axis=-1),
           "presence": arrays["presence"], "present": arrays["present"],
@@ -93,9 +97,10 @@ def main() -> None:
     val = sets.pop("val")
     scale = metrics.calibration_scale(val["mean_mm"].reshape(-1, 3), val["std_mm"].reshape(-1, 3),
                                       val["truth_mm"].reshape(-1, 3))
-    fit = signals(val, scale)
+    typical = np.median(qc.radius_mm(val["std_mm"], scale), axis=0)
+    fit = signals(val, scale, typical)
     good = fit["error"] < qc.GOOD_MM
-    per_set = {name: signals(arrays, scale) for name, arrays in sets.items()}
+    per_set = {name: signals(arrays, scale, typical) for name, arrays in sets.items()}
     partial_mm = qc.PARTIAL_FRACTION * float(np.nanmin(val["fov_mm"]))
     print(f"{Path(path).name}: calibration scale {scale:.3f} (validation, {good.sum()} of {good.size} points "
           f"within {qc.GOOD_MM} mm)")
@@ -103,7 +108,7 @@ def main() -> None:
           "test: flagged of < 1.5 mm | per set: flagged of > 3 mm |")
     print("|" + "---|" * 7)
     quantiles = [float(v) for v in args.quantiles.split(",")]
-    thresholds_at = {q: {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "scale_gap", "noise_shift")}
+    thresholds_at = {q: {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "radius_rel", "scale_gap", "noise_shift")}
                      for q in quantiles}
     for q, thresholds in thresholds_at.items():
       for rule_name, rule in RULES.items():

@@ -161,8 +161,7 @@ def data_recipe(data_config: ml_collections.ConfigDict, *, seed: int) -> dict:
   if data_config.source == "synthetic":
     return {"source": "synthetic", "seed": seed, "cases": {"train": data_config.num_train, "val": data_config.num_val}}
   manifest = dataset.load_manifest(manifest_path(data_config, seed=seed, log=lambda *_: None))
-  where = manifest.path.relative_to(Path.cwd()) if manifest.path.is_relative_to(Path.cwd()) else manifest.path
-  return {"source": data_config.source, "name": manifest.name, "manifest": str(where),
+  return {"source": data_config.source, "name": manifest.name, "manifest": io.portable_path(manifest.path),
           "cases": {split: sum(case.split == split for case in manifest.cases) for split in dataset.SPLITS}}
 
 

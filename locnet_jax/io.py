@@ -285,6 +285,13 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def portable_path(path) -> str:
+  """`path` as a record should name it: relative to the working directory when inside it (a model card
+  travels with its repository), else absolute."""
+  path, here = Path(os.path.abspath(path)), Path.cwd()  # abspath: "sets/../x" normalised, symlinks kept
+  return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+
+
 def atomic_write(path, content: bytes | str) -> None:
   """Writes `content` to a temporary file beside `path`, then renames it over `path`."""
   path = Path(path)

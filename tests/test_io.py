@@ -196,6 +196,15 @@ def _dataset(tmp_path, cases=None, landmarks=("AC", "PC")):
   return tmp_path / "dataset.json"
 
 
+def test_portable_path_is_relative_inside_the_working_directory_and_absolute_outside(tmp_path, monkeypatch):
+  (tmp_path / "here" / "sets").mkdir(parents=True)
+  monkeypatch.chdir(tmp_path / "here")
+  assert io.portable_path(tmp_path / "here" / "sets" / "a.json") == "sets/a.json"
+  assert io.portable_path("sets/a.json") == "sets/a.json"  # already relative: stays
+  assert io.portable_path(tmp_path / "elsewhere" / "a.json") == str(tmp_path / "elsewhere" / "a.json")
+  assert io.portable_path("../elsewhere/a.json").startswith("/")  # outside by way of "..": absolute
+
+
 def test_manifest_resolves_paths_and_default_split(tmp_path):
   manifest = dataset.load_manifest(_dataset(tmp_path))
   assert manifest.landmarks == ("AC", "PC") and manifest.name == "t"

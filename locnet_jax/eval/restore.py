@@ -91,12 +91,12 @@ def export(config: ml_collections.ConfigDict, workdir: Path, out: Path, *, examp
          "trained_on": sorted({r.get("host", "not recorded") for r in records}), "init_from": init_from or None}
   runs = earlier_runs(init_from) + [run]
   card = {"landmarks": list(trained.names), "config": json.loads(config.to_json_best_effort()),
-          "checkpoint": str(trained.checkpoint), "best_epoch": trained.meta.get("best_epoch"),
+          "checkpoint": io.portable_path(trained.checkpoint), "best_epoch": trained.meta.get("best_epoch"),
           "best_val_error_mm": trained.meta.get("best_val_error_mm"), "epochs": len(records),
           "training_seconds": run["training_seconds"], "trained_on": run["trained_on"],
           "runs": runs, "total_training_seconds": round(sum(r["training_seconds"] for r in runs), 1),
           "training_data": training_data, "exported_with_jax": jax.__version__,
-          "test": None if results is None else {"data": results["data"], "split": results["split"],
+          "test": None if results is None else {"data": io.portable_path(results["data"]), "split": results["split"],
                                                  "overall": results["overall"],
                                                  "uncertainty": results.get("uncertainty"),
                                                  "uncertainty_calibrated": results.get("uncertainty_calibrated"),
