@@ -41,8 +41,9 @@ def test_a_prediction_for_an_lps_stored_oblique_image_reads_back_at_the_truth_in
   example = loader.Example("scan", loader.compute_pyramid(image, settings), TRUTH_MM)
   model = MultiScaleLocNet(2, num_scales=2, patch_shape=(16, 16, 16), noise_mm=1.0,
                            unet=dict(depth=0, base_channels=2, norm="none"), patch_groups=1)
-  params = helpers.identity_locnet_params(2)
-  model.init(jax.random.key(0), loader.collate([example])["volumes"], loader.collate([example])["affines"])
+  batch = loader.collate([example])
+  params = helpers.checked_identity_params(helpers.init(model, jax.random.key(0), batch["volumes"], batch["affines"]),
+                                           2)["params"]  # the model's parameter tree, identity values
   trained = restore.Trained(model, params, ("A", "B"), tmp_path, {})
   predictions = predict.predict_cases(trained, [example], num_samples=6, chunk_size=4, seed=0)
   np.testing.assert_allclose(predictions[0]["mean_mm"], TRUTH_MM, atol=0.3)  # the blobs' world centres

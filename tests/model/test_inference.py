@@ -17,7 +17,7 @@ def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   volumes, affines = helpers.random_pyramid(batch=2, seed=5, flip=(1, -1, 1))
   model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
                            com_kind="softmax", noise_mm=3.0, patch_groups=1)
-  params = model.init(jax.random.key(0), volumes, affines)["params"]
+  params = helpers.init(model, jax.random.key(0), volumes, affines)["params"]
   key = jax.random.key(11)
   out = inference.make_uncertainty(model, num_samples=7, chunk_size=chunk_size)(params, volumes, affines, key)
   single = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k)["pred_mm"][:, -1])
@@ -29,7 +29,8 @@ def test_uncertainty_in_one_call_equals_the_loop_of_single_passes(chunk_size):
   helpers.assert_f32_equal(out["pred_mm"][:, :-1], clean[:, :-1], scale=HALF_WIDTH)
   helpers.assert_f32_equal(out["deterministic_mm"], clean[:, -1], scale=HALF_WIDTH)
   # and the model's own batched path agrees
-  batched = model.apply({"params": params}, volumes, affines, noise_key=key, num_samples=7)
+  batched = jax.jit(lambda k: model.apply({"params": params}, volumes, affines, noise_key=k,
+                                          num_samples=7))(key)
   helpers.assert_f32_equal(batched["samples_mm"], loop, scale=HALF_WIDTH)
 
 

@@ -47,7 +47,8 @@ def test_every_scale_finds_world_landmarks_through_oblique_flipped_anisotropic_a
 
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(32, 32, 32),
                            unet=dict(depth=0, base_channels=2), patch_groups=1)
-  params = helpers.checked_identity_params(model.init(jax.random.key(0), volumes, affines), 3)
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
+  params = helpers.checked_identity_params(params, 3)
   out = jax.jit(model.apply)(params, volumes, affines)
   pred = np.asarray(out["pred_mm"])
   assert pred.shape == (2, 3, 2, 3)
@@ -72,7 +73,7 @@ def _finest_loss_grads(stop_gradient):
   volumes, affines = helpers.random_pyramid(batch=2)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
                            stop_gradient=stop_gradient, patch_groups=1)
-  params = model.init(jax.random.key(1), volumes, affines)
+  params = helpers.init(model, jax.random.key(1), volumes, affines)
   target_mm = jnp.array([[[1.0, 2.0, 3.0], [np.nan] * 3], [[-4.0, 0.5, 2.0], [3.0, -3.0, 1.0]]])
 
   def finest_loss(p):
@@ -104,7 +105,7 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
     model = MultiScaleLocNet(num_landmarks=3, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET,
                              patch_groups=groups)
     shapes = jax.eval_shape(model.init, jax.random.key(1), volumes, affines)
-    params = model.init(jax.random.key(1), volumes, affines) if params is None else params
+    params = helpers.init(model, jax.random.key(1), volumes, affines) if params is None else params
     assert jax.tree.structure(shapes) == jax.tree.structure(params)  # the same parameters whatever the groups
 
     def loss(p, model=model):
@@ -124,7 +125,7 @@ def test_patch_groups_change_speed_not_the_function_or_its_gradients():
 def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   volumes, affines = helpers.random_pyramid(batch=3)
   model = MultiScaleLocNet(num_landmarks=4, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, noise_mm=2.5, patch_groups=1)
-  params = model.init(jax.random.key(0), volumes, affines)
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
   apply = jax.jit(lambda key: model.apply(params, volumes, affines, noise_key=key))
   clean = jax.jit(lambda: model.apply(params, volumes, affines))()
   a, a_again, b = apply(jax.random.key(7)), apply(jax.random.key(7)), apply(jax.random.key(8))
@@ -140,13 +141,14 @@ def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
 def test_vmap_over_noise_keys_equals_a_loop():
   volumes, affines = helpers.random_pyramid(batch=1)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, patch_groups=1)
-  params = model.init(jax.random.key(0), volumes, affines)
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
   keys = jax.random.split(jax.random.key(3), 5)
   one = lambda k: model.apply(params, volumes, affines, noise_key=k)["pred_mm"]  # noqa: E731
   batched = jax.jit(jax.vmap(one))(keys)
   assert batched.shape == (5, 1, 3, 2, 3)
+  single = jax.jit(one)
   for i in range(5):
-    helpers.assert_f32_equal(batched[i], one(keys[i]), scale=HALF_WIDTH)
+    helpers.assert_f32_equal(batched[i], single(keys[i]), scale=HALF_WIDTH)
 
 
 # ---------------------------------------------------------------- shift equivariance
@@ -161,7 +163,7 @@ def _shift_errors(downsample, seeds=(0, 1, 2)):
   for i, seed in enumerate(seeds):
     volume = np.zeros((n, n, n), np.float32)
     volume[13:19, 12:20, 14:19] = np.random.default_rng(seed).normal(size=(6, 8, 5))
-    params = net.init(jax.random.key(seed), jnp.asarray(volume)[None])
+    params = helpers.init(net, jax.random.key(seed), jnp.asarray(volume)[None])
     # no biases: the empty background gives a zero heatmap, so image borders play no part
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if "bias" in jax.tree_util.keystr(path) else x, params)
@@ -197,7 +199,7 @@ def test_single_scale_locnet_adds_one_level_and_predicts_in_mm():
   assert model.num_scales == 1 and model.unet["depth"] == 2
   volume = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
   affine = jnp.asarray(helpers.affine([2.0, 1.0, 3.0], [10.0, -5.0, 0.0], flip=(-1, 1, 1)), jnp.float32)
-  params = model.init(jax.random.key(0), [volume], [affine])
+  params = helpers.init(model, jax.random.key(0), [volume], [affine])
   out = model.apply(params, [volume], [affine])
   assert out["pred_mm"].shape == (2, 1, 3, 3)
   _, intermediates = model.apply(params, [volume], [affine], mutable="intermediates")
@@ -213,7 +215,7 @@ def test_heatmap_unet_predicts_the_heatmap_maximum_in_mm():
   model = HeatmapUNet(2, unet=dict(depth=1, base_channels=4))
   volume = jax.random.normal(jax.random.key(0), (1, 8, 10, 12))
   affine = jnp.asarray(helpers.affine([1.5, 1.0, 2.0], [0.0, 3.0, -2.0], flip=(1, -1, 1)), jnp.float32)
-  params = model.init(jax.random.key(0), [volume], [affine])
+  params = helpers.init(model, jax.random.key(0), [volume], [affine])
   out = model.apply(params, [volume], [affine])
   heatmap = np.asarray(out["heatmap"])
   assert heatmap.shape == (1, 8, 10, 12, 2) and out["pred_mm"].shape == (1, 1, 2, 3)
@@ -251,8 +253,8 @@ def test_output_shapes(batch, num_scales, num_landmarks, patch):
   sizes, spacings = (8, 16, 32, 64)[:num_scales], (8.0, 4.0, 2.0, 1.0)[:num_scales]
   volumes, affines = helpers.random_pyramid(batch, sizes, spacings)
   model = MultiScaleLocNet(num_landmarks, num_scales=num_scales, patch_shape=patch, unet=TINY_UNET, patch_groups=1)
-  params = model.init(jax.random.key(0), volumes, affines)
-  out = jax.jit(model.apply)(params, volumes, affines)
+  # init and apply in one compiled program (one compilation instead of op-by-op init plus apply's)
+  out = jax.jit(lambda key: model.apply(model.init(key, volumes, affines), volumes, affines))(jax.random.key(0))
   assert out["pred_mm"].shape == out["center_mm"].shape == (batch, num_scales, num_landmarks, 3)
   assert out["pred_mm"].dtype == jnp.float32 and np.all(np.isfinite(out["pred_mm"]))
 
@@ -290,7 +292,7 @@ def test_bad_model_inputs(edit, message):
 def test_noise_needs_two_scales():
   volumes, affines = helpers.random_pyramid(batch=1, sizes=(8,), spacings=(4.0,))
   model = MultiScaleLocNet(1, num_scales=1, unet=TINY_UNET)
-  params = model.init(jax.random.key(0), volumes, affines)
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
   with pytest.raises(ValueError, match="at least 2 scales"):
     model.apply(params, volumes, affines, noise_key=jax.random.key(0))
 
@@ -299,7 +301,7 @@ def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
   volumes, affines = helpers.random_pyramid(batch=2, sizes=(8, 16, 32), seed=3)
   model = MultiScaleLocNet(3, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
                            com_kind="softmax", noise_mm=4.0, patch_groups=1)
-  params = model.init(jax.random.key(0), volumes, affines)
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
   key = jax.random.key(7)
   batched = jax.jit(lambda p: model.apply(p, volumes, affines, noise_key=key, num_samples=5))(params)
   single = jax.jit(lambda p, k: model.apply(p, volumes, affines, noise_key=k))
@@ -308,7 +310,7 @@ def test_noise_samples_in_one_batch_equal_single_passes_with_the_split_keys():
   for n, out in enumerate(loop):
     helpers.assert_f32_equal(batched["samples_mm"][:, n], out["pred_mm"][:, -1], scale=HALF_WIDTH)
   helpers.assert_f32_equal(batched["pred_mm"][:, -1], np.mean([o["pred_mm"][:, -1] for o in loop], axis=0), scale=HALF_WIDTH)
-  clean = model.apply(params, volumes, affines)  # the coarser scales ran once, without noise
+  clean = jax.jit(lambda p: model.apply(p, volumes, affines))(params)  # coarser scales: once, without noise
   helpers.assert_f32_equal(batched["pred_mm"][:, :-1], clean["pred_mm"][:, :-1], scale=HALF_WIDTH)
   spread = np.asarray(batched["samples_mm"]).std(axis=1)
   assert np.all(spread > 0)  # the samples differ: each had its own shift

@@ -80,7 +80,7 @@ def test_the_image_reader_learns_which_landmark_a_crop_cut_away():
   train = [_case(rng, crop_second=i % 2 == 1) for i in range(8)]
   volumes = jnp.stack([c[0][0] for c in train])  # (8, 8, 8, 8): the 4 mm level
   present = jnp.asarray(np.stack([c[3] for c in train]), jnp.float32)
-  params = reader.init(jax.random.key(0), volumes)["params"]
+  params = helpers.init(reader, jax.random.key(0), volumes)["params"]
   optimizer = optax.adam(3e-3)
   loss = lambda p: losses.presence_loss(reader.apply({"params": p}, volumes), present)  # noqa: E731
 
@@ -121,9 +121,10 @@ def test_presence_is_opt_in_and_leaves_the_coordinates_alone():
   plain = MultiScaleLocNet(2, num_scales=2, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4),
                            patch_groups=1)
   with_presence = plain.clone(presence=True)
-  params = with_presence.init(jax.random.key(0), volumes, affines)["params"]
+  params = helpers.init(with_presence, jax.random.key(0), volumes, affines)["params"]
   assert set(params) == {"scale0", "scale1", "presence"}
-  assert set(plain.init(jax.random.key(0), volumes, affines)["params"]) == {"scale0", "scale1"}
+  plain_params = helpers.init(plain, jax.random.key(0), volumes, affines)["params"]
+  assert set(plain_params) == {"scale0", "scale1"}
   out = with_presence.apply({"params": params}, volumes, affines)
   scales_only = {k: v for k, v in params.items() if k != "presence"}
   np.testing.assert_array_equal(out["pred_mm"], plain.apply({"params": scales_only}, volumes, affines)["pred_mm"])
@@ -135,7 +136,7 @@ def test_presence_is_opt_in_and_leaves_the_coordinates_alone():
     assert float(optax.tree.norm(grads[scale])) > 0, scale
   # read from the image instead: its own parameters, and its loss moves no coordinate
   from_image = plain.clone(presence=True, presence_from="image")
-  params = from_image.init(jax.random.key(0), volumes, affines)["params"]
+  params = helpers.init(from_image, jax.random.key(0), volumes, affines)["params"]
   assert set(params["presence"]) >= {"conv0", "hidden", "logit"}
   np.testing.assert_array_equal(from_image.apply({"params": params}, volumes, affines)["pred_mm"],
                                 plain.apply({"params": {k: params[k] for k in ("scale0", "scale1")}}, volumes,

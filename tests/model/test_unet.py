@@ -17,7 +17,7 @@ def test_every_option_keeps_the_spatial_shape(downsample, upsample, norm):
   net = UNet3D(out_channels=3, depth=2, base_channels=4, norm=norm, norm_groups=2,
                downsample=downsample, upsample=upsample)
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 4, 1))
-  params = net.init(jax.random.key(1), x)
+  params = helpers.init(net, jax.random.key(1), x)
   y = net.apply(params, x)
   assert y.shape == (2, 8, 12, 4, 3) and np.all(np.isfinite(y))
 
@@ -46,7 +46,7 @@ def test_levels_and_parameter_count(depth, base, growth, convs, expected_channel
 def test_activation_and_head_bias_are_used():
   x = jnp.zeros((1, 4, 4, 4, 1))
   net = UNet3D(out_channels=2, depth=1, base_channels=2, head_bias_init=0.75)
-  params = net.init(jax.random.key(0), x)
+  params = helpers.init(net, jax.random.key(0), x)
   # zero input, zero biases inside: everything is 0 before the head, so the output is its bias
   np.testing.assert_allclose(net.apply(params, x), 0.75)
 
@@ -54,7 +54,7 @@ def test_activation_and_head_bias_are_used():
 def test_jit_and_vmap_agree_with_a_batch():
   net = UNet3D(out_channels=1, depth=1, base_channels=4, downsample="max_blur", norm="instance")
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 8, 1))
-  params = net.init(jax.random.key(1), x)
+  params = helpers.init(net, jax.random.key(1), x)
   batched = jax.jit(net.apply)(params, x)
   per_example = jax.vmap(lambda xi: net.apply(params, xi[None])[0])(x)
   helpers.assert_f32_equal(batched, per_example)
@@ -65,7 +65,7 @@ def test_conv_impls_share_parameters_and_compute_the_same_function():
   x = jax.random.normal(jax.random.key(0), (2, 8, 12, 4, 2))
   nets = {impl: UNet3D(out_channels=3, depth=2, base_channels=4, norm="instance", conv_impl=impl)
           for impl in ("xla", "as_2d")}
-  params = nets["xla"].init(jax.random.key(1), x)
+  params = helpers.init(nets["xla"], jax.random.key(1), x)
   assert (jax.tree_util.tree_structure(jax.eval_shape(nets["as_2d"].init, jax.random.key(1), x)) ==
           jax.tree_util.tree_structure(params))
   outs = {impl: net.apply(params, x) for impl, net in nets.items()}
@@ -79,8 +79,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_heatmaps(conv_impl):
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8, 1))
   nets = {dtype: UNet3D(out_channels=2, depth=1, base_channels=4, norm="instance", upsample="transpose",
                         conv_impl=conv_impl, dtype=dtype) for dtype in ("float32", "bfloat16")}
-  params = nets["float32"].init(jax.random.key(1), x)
-  low_params = nets["bfloat16"].init(jax.random.key(1), x)
+  params = helpers.init(nets["float32"], jax.random.key(1), x)
+  low_params = helpers.init(nets["bfloat16"], jax.random.key(1), x)
   assert jax.tree_util.tree_structure(low_params) == jax.tree_util.tree_structure(params)
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(low_params)} == {jnp.dtype(jnp.float32)}
   full, low = nets["float32"].apply(params, x), nets["bfloat16"].apply(params, x)

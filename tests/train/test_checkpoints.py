@@ -38,7 +38,7 @@ def test_a_workdir_lock_names_its_holder_and_is_taken_over_when_the_holder_died(
 def _init_params(model, seed: int, sizes=(4, 8)):
   from tests import helpers
   volumes, affines = helpers.random_pyramid(sizes=sizes, spacings=(8.0, 4.0)[:len(sizes)])
-  return model.init(jax.random.key(seed), volumes, affines)["params"]
+  return helpers.init(model, jax.random.key(seed), volumes, affines)["params"]
 
 
 def test_warm_start_takes_every_leaf_the_source_has_and_keeps_the_new_ones(tmp_path):
