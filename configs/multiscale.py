@@ -28,7 +28,7 @@ Variants (the sizes; every other Table-1 config derives from these):
                   8 base channels, 25 epochs of the afids6_real recipe (the real-scan variation, cosine
                   learning rate; the finest level augmented only within 40 mm of the landmarks), its own
                   benchmark in data/afids32 (72 min on 2 cores; resumable: rerun the same command); shipped as
-                  pretrained/afids32 (2.36 mm on its test split: an interim model, docs/results.md)
+                  pretrained/afids32 (continued by "afids32_more"; its figures: docs/results.md)
   "afids32_more"  25 more epochs of "afids32" from its export pretrained/afids32 (flat loss weights, cosine
                   learning rate from 5e-4): how training continues past one session on machines that keep
                   nothing but the repository; export the run over pretrained/afids32 to chain another
