@@ -9,9 +9,9 @@ Signals per point (mm): "radius", the largest semi-axis of the calibrated 90 % e
 samples (what QC reads today); "scale_gap", how far the finest scale's deterministic prediction lies from the
 scale before it (the chain's own disagreement); "noise_shift", how far the samples' mean lies from the
 deterministic finest prediction; "radius_rel", "radius" over its landmark's median "radius" on the validation
-split (a landmark-relative rule: landmarks differ in how sharp their heatmaps are). A rule flags a point when any of its signals exceeds the `--quantile`
-quantile of that signal over the validation points closer than 1.5 mm to the truth, or when the presence
-read from the field of view is below `qc.UNCERTAIN_BELOW`.
+split (landmarks differ in how sharp their heatmaps are). A rule flags a point when any of its signals
+exceeds the `--quantile` quantile of that signal over the validation points closer than 1.5 mm to the
+truth, or when the presence read from the field of view is below `qc.UNCERTAIN_BELOW`.
 
 Then absence: today a landmark is `absent` when its coarse prediction lies outside the image's grid
 (presence below `qc.ABSENT_BELOW`); the alternative also calls a flagged landmark absent when the image
@@ -108,8 +108,8 @@ def main() -> None:
           "test: flagged of < 1.5 mm | per set: flagged of > 3 mm |")
     print("|" + "---|" * 7)
     quantiles = [float(v) for v in args.quantiles.split(",")]
-    thresholds_at = {q: {k: float(np.quantile(fit[k][good], q)) for k in ("radius", "radius_rel", "scale_gap", "noise_shift")}
-                     for q in quantiles}
+    names = sorted({name for rule in RULES.values() for name in rule})
+    thresholds_at = {q: {k: float(np.quantile(fit[k][good], q)) for k in names} for q in quantiles}
     for q, thresholds in thresholds_at.items():
       for rule_name, rule in RULES.items():
         by_set = {name: figures(s, thresholds, rule) for name, s in per_set.items()}
