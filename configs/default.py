@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_epochs = 500  # paper: 500 (the loss-weight schedule spans exactly these epochs)
   train.learning_rate = 5e-4  # Adam (paper: 5e-4)
   train.lr_schedule = "constant"  # "constant" (paper) or "cosine" (from learning_rate down to 0 over the run)
+  train.warmup_epochs = 0  # "cosine" only: epochs of a linear rise from 0 to learning_rate first (continued runs)
   # fine-tuning: an exported model folder (export_model.py) whose parameters start the run; what it lacks
   # (e.g. the presence output) starts from the seed's init. Several, comma-separated: each gives the
   # parameters the ones before it lacked (e.g. "a_model,a_presence_reader"). Read only when the workdir is new.

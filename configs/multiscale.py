@@ -30,7 +30,7 @@ Variants (the sizes; every other Table-1 config derives from these):
                   benchmark in data/afids32 (72 min on 2 cores; resumable: rerun the same command); shipped as
                   pretrained/afids32 (continued by "afids32_more"; its figures: docs/results.md)
   "afids32_more"  25 more epochs of "afids32" from its export pretrained/afids32 (flat loss weights, cosine
-                  learning rate from 5e-4): how training continues past one session on machines that keep
+                  learning rate from 5e-4 after 2 epochs of warm-up): how training continues past one session on machines that keep
                   nothing but the repository; export the run over pretrained/afids32 to chain another
   "synthetic_demo" the demo's sizes on synthetic blob images made in memory (no files, no build; fast
                   tests and a smoke run).
@@ -81,6 +81,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.init_from = "pretrained/afids32"
     config.train.schedule = "flat"
     config.train.learning_rate = 5e-4
+    config.train.warmup_epochs = 2  # from the third continuation on: fresh Adam at 5e-4 set it back 8 epochs
   if variant == "afids6_real_ft":  # fine-tuned from the plain model; run from the repository root
     config.train.init_from = "pretrained/afids6"
     config.train.schedule = "flat"

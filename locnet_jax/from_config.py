@@ -112,6 +112,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"model: {error}") from None
   _require(np.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
   _require(t.get("lr_schedule", "constant") in ("constant", "cosine"), "train.lr_schedule", t.get("lr_schedule"), "'constant' or 'cosine'")
+  warmup = t.get("warmup_epochs", 0)
+  _require(isinstance(warmup, int) and 0 <= warmup < t.num_epochs and (warmup == 0 or t.get("lr_schedule") == "cosine"),
+           "train.warmup_epochs", warmup, "an int in [0, train.num_epochs), non-zero only with train.lr_schedule='cosine'")
   for field, value, minimum in (("train.num_epochs", t.num_epochs, 1), ("train.batch_size", t.batch_size, 1),
                                 ("train.loader_workers", t.loader_workers, 0), ("data.num_train", d.num_train, 1),
                                 ("data.num_val", d.num_val, 1), ("eval.num_noise_samples", e.num_noise_samples, 0),

@@ -41,6 +41,7 @@ def test_configs_build_their_models():
   assert (more.train.init_from, more.train.schedule, more.train.lr_schedule) == ("pretrained/afids32", "flat", "cosine")
   assert more.train.augmentation.to_dict() == every.train.augmentation.to_dict() and more.data == every.data
   assert more.model == every.model and more.train.learning_rate < every.train.learning_rate
+  assert (every.train.warmup_epochs, more.train.warmup_epochs) == (0, 2)  # a continued run warms Adam up
   for config in (tuned, scratch, paper, every, more):
     from_config.validate(config)
 

@@ -65,6 +65,7 @@ def test_host_only_augmentation_cannot_run_on_the_device():
 
 BAD_FIELDS = [
     ({"train.learning_rate": -1.0}, r"train.learning_rate=-1.0: > 0"),
+    ({"train.warmup_epochs": 2}, r"train.warmup_epochs=2: .*non-zero only with train.lr_schedule='cosine'"),
     ({"eval.num_noise_samples": -5}, r"eval.num_noise_samples=-5: an int >= 0"),
     ({"eval.chunk_size": -1}, r"eval.chunk_size=-1: an int >= 0"),
     ({"data.num_val": 0}, r"data.num_val=0: an int >= 1"),

@@ -164,11 +164,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     mesh = parallel.data_mesh(batch_size=config.train.batch_size)
     root = jax.random.key(config.seed)
     example = loader.collate(data.val[:1])
+    steps_per_epoch = len(data.train) // config.train.batch_size
     state = steps.create_train_state(model, key=jax.random.fold_in(root, 0), volumes=example["volumes"],
                                         affines=example["affines"], learning_rate=steps.learning_rate(
                                             config.train.learning_rate, schedule=config.train.lr_schedule,
-                                            total_steps=config.train.num_epochs * (
-                                                len(data.train) // config.train.batch_size)))
+                                            total_steps=config.train.num_epochs * steps_per_epoch,
+                                            warmup_steps=config.train.get("warmup_epochs", 0) * steps_per_epoch))
     if saved is None and config.train.init_from:
       params, fresh = state.params, None
       for source in init_sources(config.train.init_from):  # each fills what the ones before it lacked

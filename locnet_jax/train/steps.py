@@ -24,14 +24,24 @@ TrainState = train_state.TrainState
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate(peak: float, *, schedule: str = "constant", total_steps: int = 1):
+def learning_rate(peak: float, *, schedule: str = "constant", total_steps: int = 1, warmup_steps: int = 0):
   """Adam's learning rate: `peak` throughout ("constant", the paper's), or "cosine", from `peak` down to 0
   over `total_steps` (fine-tuning, where a constant rate kept the validation error swinging: measured in
-  docs/results.md). Each schedule has its own optimiser-state structure."""
+  docs/results.md). Each schedule has its own optimiser-state structure.
+
+  `warmup_steps` (cosine only) first rises linearly from 0 to `peak` within the `total_steps`: a run
+  continued from an exported model starts Adam afresh, whose first updates are `peak`-sized for every
+  parameter whatever its gradient (a rise of the validation error measured in docs/results.md)."""
   if schedule == "constant":
+    if warmup_steps:
+      raise ValueError("train.warmup_epochs needs train.lr_schedule='cosine'")
     return peak
   if schedule == "cosine":
-    return optax.cosine_decay_schedule(peak, decay_steps=max(int(total_steps), 1))
+    total, warmup = max(int(total_steps), 1), int(warmup_steps)
+    if warmup <= 0:
+      return optax.cosine_decay_schedule(peak, decay_steps=total)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=min(warmup, total - 1) or 1,
+                                              decay_steps=max(total, warmup + 1), end_value=0.0)
   raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 

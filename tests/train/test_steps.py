@@ -84,6 +84,15 @@ def test_the_cosine_learning_rate_falls_from_its_peak_to_zero_over_the_run():
     steps.learning_rate(4e-4, schedule="step")
 
 
+def test_a_warmed_up_cosine_rises_from_zero_to_its_peak_then_falls_to_zero():
+  rate = steps.learning_rate(4e-4, schedule="cosine", total_steps=100, warmup_steps=10)
+  assert float(rate(0)) == pytest.approx(0.0, abs=1e-12) and float(rate(5)) == pytest.approx(2e-4)
+  assert float(rate(10)) == pytest.approx(4e-4) and float(rate(55)) == pytest.approx(2e-4, rel=1e-5)
+  assert float(rate(100)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match="warmup"):
+    steps.learning_rate(4e-4, warmup_steps=10)  # the constant rate has no warm-up
+
+
 def test_a_cut_away_landmark_is_trained_at_the_coarsest_scale_only_by_its_radial_error():
   """`present` 0 with a position: out of every scale's squared error, into the coarsest scale's
   `cut_away_loss` (radial mm over the annotated count); a batch without cut-away landmarks is unchanged."""
