@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.patch_size = 56  # patch edge in voxels for every scale after the first (paper: 56)
   model.com_kind = "relu"  # centre-of-mass weights: "relu" (paper) or "softmax"
   model.coarse_com_kind = ""  # the coarsest scale's, "" = model.com_kind
+  # the finer scales' U-Nets conditioned on the landmark each patch is for (per-landmark scale and shift
+  # after every normalisation, zero at init: a plain model's export warm-starts it unchanged)
+  model.landmark_film = False
   model.coarse_depth = 0  # the coarsest scale's U-Net depth (a receptive field over the whole grid); 0 = unet.depth
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)

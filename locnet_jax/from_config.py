@@ -45,7 +45,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             presence=model_config.get("presence", False),
                             presence_from=model_config.get("presence_from", "mass"),
                             coarse_unet={"depth": model_config.coarse_depth} if model_config.get("coarse_depth") else None,
-                            coarse_com_kind=model_config.get("coarse_com_kind") or None)
+                            coarse_com_kind=model_config.get("coarse_com_kind") or None,
+                            landmark_film=model_config.get("landmark_film", False))
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:
@@ -98,6 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(coarse_depth, int) and coarse_depth >= 1 and levels[-1] % 2 ** coarse_depth == 0,
            "model.coarse_depth", coarse_depth, f"0, or an int >= 1 with the coarsest level ({levels[-1]} voxels) "
            "divisible by 2**coarse_depth")
+  _require(not m.get("landmark_film") or (m.kind == "multiscale" and len(spacings) > 1), "model.landmark_film",
+           m.get("landmark_film"), "conditions the finer scales: needs model.kind='multiscale' and 2+ spacings")
   if m.get("presence") and m.get("presence_from", "mass") == "image":
     pooled = 2 ** len(PresenceEncoder.channels)  # its classifier halves the grid once per level
     _require(levels[-1] % pooled == 0, "model.presence_from", "image",

@@ -88,12 +88,14 @@ class LocNet(nn.Module):
   `__call__(x, channel=None)` returns ``(coords_vox, heatmaps)``: with ``channel=None`` the centre of
   mass of every output channel, coords (N, K, 3); with an int array ``channel`` of shape (N,), only that
   channel of each example (the landmark a patch was cut for), coords (N, 3). Heatmaps are (N, X, Y, Z, K)
-  or (N, X, Y, Z) accordingly.
+  or (N, X, Y, Z) accordingly. `conditioned`: the U-Net also reads ``channel`` (its normalisations are
+  conditioned on the landmark, `UNet3D.num_conditions`); it then needs ``channel``.
   """
 
   num_landmarks: int
   unet: Mapping[str, Any] = None
   com_kind: str = "relu"
+  conditioned: bool = False
 
   def __post_init__(self):
     if self.com_kind not in ops.CENTER_OF_MASS_KINDS:
@@ -104,8 +106,11 @@ class LocNet(nn.Module):
   def __call__(self, x: jax.Array, channel: jax.Array | None = None):
     if x.ndim != 4:
       raise ValueError(f"LocNet input must be (N, X, Y, Z), got shape {x.shape}")
-    heatmaps = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}))(
-        x[..., None].astype(jnp.float32))
+    if self.conditioned and channel is None:
+      raise ValueError("a conditioned LocNet needs the landmark `channel` of each patch")
+    heatmaps = UNet3D(out_channels=self.num_landmarks, name="unet", **dict(self.unet or {}),
+                      num_conditions=self.num_landmarks if self.conditioned else 0)(
+        x[..., None].astype(jnp.float32), channel if self.conditioned else None)
     com = lambda h: ops.center_of_mass(h, kind=self.com_kind)  # noqa: E731
     if channel is None:
       coords = jax.vmap(jax.vmap(com, in_axes=-1))(heatmaps)
@@ -144,6 +149,10 @@ class MultiScaleLocNet(nn.Module):
     coarse_unet: overrides of `unet` for scale 0 (e.g. a deeper U-Net, whose receptive field spans the
       whole field of view: it must place landmarks the image cuts away); None: `unet`.
     coarse_com_kind: scale 0's centre-of-mass kind; None: `com_kind`.
+    landmark_film: the finer scales' U-Nets know which landmark each patch was cut for (their
+      normalisations conditioned on it: `LocNet.conditioned`): one U-Net serves K landmarks without
+      inferring which from the patch (mirror pairs, neighbours). Zero at init, so a plain model's export
+      warm-starts it as the same function.
   """
 
   num_landmarks: int
@@ -158,6 +167,7 @@ class MultiScaleLocNet(nn.Module):
   presence_from: str = "mass"
   coarse_unet: Mapping[str, Any] | None = None
   coarse_com_kind: str | None = None
+  landmark_film: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
@@ -204,7 +214,7 @@ class MultiScaleLocNet(nn.Module):
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     coarse = LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.coarse_unet or {})},
                     self.coarse_com_kind or self.com_kind, name="scale0")
-    nets = [coarse] + [LocNet(self.num_landmarks, self.unet, self.com_kind, name=f"scale{s}")
+    nets = [coarse] + [LocNet(self.num_landmarks, self.unet, self.com_kind, self.landmark_film, name=f"scale{s}")
                        for s in range(1, self.num_scales)]
 
     coarse_vox, heatmap = nets[0](volumes[0])

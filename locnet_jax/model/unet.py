@@ -80,6 +80,11 @@ class UNet3D(nn.Module):
   (`CONV_IMPLS`); it changes speed only, not the parameters or the function. `dtype` is the compute dtype
   of every layer but the head (`DTYPES`); the parameters are float32 whatever it is, so a model trained in
   one dtype runs in the other.
+
+  `num_conditions` > 0 makes every normalisation conditional (Dumoulin et al. 2017): ``__call__(x,
+  condition)`` with an int array (N,) in [0, num_conditions) scales and shifts each normalised channel by
+  ``1 + gamma[c]`` and ``beta[c]``, learnt per condition (parameters ``<norm name>_film``, zero at init, so a
+  conditioned U-Net starts as the plain one and can be warm-started from it).
   """
 
   out_channels: int
@@ -96,9 +101,11 @@ class UNet3D(nn.Module):
   head_bias_init: float = 0.0
   conv_impl: str = "auto"
   dtype: str = "float32"
+  num_conditions: int = 0
 
   def __post_init__(self):
     _positive_int("out_channels", self.out_channels)
+    _positive_int("num_conditions", self.num_conditions, minimum=0)
     _positive_int("depth", self.depth, minimum=0)
     _positive_int("base_channels", self.base_channels)
     _positive_int("convs_per_level", self.convs_per_level)
@@ -133,45 +140,57 @@ class UNet3D(nn.Module):
       raise ValueError(f"UNet3D input spatial shape {tuple(shape[1:4])} must be divisible by "
                        f"2**depth = {factor} (depth={self.depth})")
 
-  def _norm(self, x: jax.Array, name: str) -> jax.Array:
+  def _norm(self, x: jax.Array, name: str, condition: jax.Array | None = None) -> jax.Array:
     if self.norm == "group":
-      return nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype, name=name)(x)
-    if self.norm == "instance":
-      return nn.GroupNorm(num_groups=None, group_size=1, dtype=self.dtype, name=name)(x)
-    return x
+      x = nn.GroupNorm(num_groups=self.norm_groups, dtype=self.dtype, name=name)(x)
+    elif self.norm == "instance":
+      x = nn.GroupNorm(num_groups=None, group_size=1, dtype=self.dtype, name=name)(x)
+    if condition is None:
+      return x
+    film = nn.Embed(self.num_conditions, 2 * x.shape[-1], embedding_init=nn.initializers.zeros,
+                    name=f"{name}_film")(condition).astype(x.dtype)[:, None, None, None, :]  # (N, 1, 1, 1, 2C)
+    gamma, beta = jnp.split(film, 2, axis=-1)
+    return x * (1 + gamma) + beta
 
   def _conv(self, features: int, name: str, use_bias: bool = True) -> nn.Conv:
     as_2d = resolve_conv_impl(self.conv_impl) == "as_2d"
     return nn.Conv(features, (self.kernel_size,) * 3, padding="SAME", use_bias=use_bias, name=name,
                    dtype=self.dtype, conv_general_dilated=ops.conv_general_dilated_as_2d if as_2d else None)
 
-  def _block(self, x: jax.Array, features: int, level: str, first: jax.Array | None = None) -> jax.Array:
+  def _block(self, x: jax.Array, features: int, level: str, first: jax.Array | None = None,
+             condition: jax.Array | None = None) -> jax.Array:
     act = ACTIVATIONS[self.activation]
     for i in range(self.convs_per_level):
       if i == 0 and first is not None:
         x = first + self._conv(features, f"{level}_conv0_skip", use_bias=False)(x)
       else:
         x = self._conv(features, f"{level}_conv{i}")(x)
-      x = act(self._norm(x, f"{level}_norm{i}"))
+      x = act(self._norm(x, f"{level}_norm{i}", condition))
     return x
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+    """x (N, X, Y, Z, C) -> (N, X, Y, Z, out_channels); `condition` (N,) ints, only with num_conditions."""
     self.check_input_shape(x.shape)
+    if (condition is None) != (self.num_conditions == 0):
+      raise ValueError(f"UNet3D with num_conditions={self.num_conditions} called with condition "
+                       f"{'None' if condition is None else 'given'}")
+    if condition is not None and tuple(jnp.shape(condition)) != (x.shape[0],):
+      raise ValueError(f"condition must be ({x.shape[0]},) ints, got shape {tuple(jnp.shape(condition))}")
     x = x.astype(self.dtype)
     channels = self.level_channels
     skips = []
     for level in range(self.depth):
-      x = self._block(x, channels[level], f"enc{level}")
+      x = self._block(x, channels[level], f"enc{level}", condition=condition)
       skips.append(x)
       x = _downsample(x, self.downsample)
-    x = self._block(x, channels[self.depth], "bottom")
+    x = self._block(x, channels[self.depth], "bottom", condition=condition)
     for level in reversed(range(self.depth)):
       if self.upsample == "transpose":
         x = nn.ConvTranspose(channels[level], (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype, name=f"up{level}")(x)
       else:
         x = _upsample_fixed(x, self.upsample)
       first = self._conv(channels[level], f"dec{level}_conv0")(x)
-      x = self._block(skips[level], channels[level], f"dec{level}", first=first)
+      x = self._block(skips[level], channels[level], f"dec{level}", first=first, condition=condition)
     return nn.Conv(self.out_channels, (1, 1, 1), name="head", dtype=jnp.float32,
                    bias_init=nn.initializers.constant(self.head_bias_init))(x.astype(jnp.float32))

@@ -244,6 +244,38 @@ def test_the_coarsest_scale_takes_its_own_unet_and_centre_of_mass():
   assert np.abs(np.asarray(relu_vox - soft_vox)).max() > 1e-3  # the two kinds differ on this heatmap
 
 
+def test_landmark_conditioning_starts_as_the_plain_model_and_then_tells_landmarks_apart():
+  """`landmark_film`: the finer scales' U-Nets get zero-initialised per-landmark scale/shift parameters
+  (and nothing else new), so the plain model's parameters give the same predictions; once those are
+  non-zero, the same patch read for two landmarks gives two different heatmaps, and the coarsest scale
+  (which sees all landmarks at once) is untouched."""
+  volumes, affines = helpers.random_pyramid(1, (8, 16, 32), (4.0, 2.0, 1.0))
+  plain = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4), patch_groups=1)
+  film = plain.clone(landmark_film=True)
+  p_plain, p_film = (jax.jit(m.init)(jax.random.key(0), volumes, affines)["params"] for m in (plain, film))
+  flat_plain, flat_film = (dict(jax.tree_util.tree_flatten_with_path(p)[0]) for p in (p_plain, p_film))
+  added = {jax.tree_util.keystr(k) for k in set(flat_film) - set(flat_plain)}
+  assert set(flat_plain) <= set(flat_film) and added and all("_film" in k and "scale0" not in k for k in added)
+  assert all(np.all(flat_film[k] == 0) for k in set(flat_film) - set(flat_plain))
+  # the plain parameters in the conditioned model: the same function
+  start = jax.tree_util.tree_map_with_path(lambda k, v: flat_plain.get(k, v), p_film)
+  apply_plain, apply_film = (jax.jit(m.apply) for m in (plain, film))
+  want = apply_plain({"params": p_plain}, volumes, affines)["pred_mm"]
+  np.testing.assert_allclose(apply_film({"params": start}, volumes, affines)["pred_mm"], want, atol=1e-5)
+  # non-zero conditioning moves the finer scales only
+  moved = jax.tree_util.tree_map_with_path(
+      lambda k, v: v + jax.random.normal(jax.random.key(len(str(k))), v.shape) if "_film" in str(k) else v, start)
+  got = apply_film({"params": moved}, volumes, affines)["pred_mm"]
+  np.testing.assert_allclose(got[:, 0], want[:, 0], atol=1e-5)
+  assert np.abs(np.asarray(got[:, 1:] - want[:, 1:])).max() > 1e-3
+  scale1 = LocNet(2, unet=dict(depth=1, base_channels=4), conditioned=True)
+  patch = jnp.repeat(volumes[1][:, :8, :8, :8], 2, axis=0)  # one patch, read as landmark 0 and as landmark 1
+  _, heatmaps = scale1.apply({"params": moved["scale1"]}, patch, jnp.array([0, 1]))
+  assert np.abs(np.asarray(heatmaps[0] - heatmaps[1])).max() > 1e-3
+  with pytest.raises(ValueError, match="needs the landmark `channel`"):
+    scale1.apply({"params": moved["scale1"]}, patch)
+
+
 # ---------------------------------------------------------------- shapes and bad arguments
 
 @pytest.mark.parametrize("batch, num_scales, num_landmarks, patch", [

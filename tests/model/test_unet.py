@@ -112,6 +112,7 @@ def test_auto_conv_impl_follows_the_backend():
     (dict(out_channels=1, conv_impl="fft"), "conv_impl must be one of"),
     (dict(out_channels=1, dtype="float16"), "dtype must be one of"),
     (dict(out_channels=1, norm="group", base_channels=12, norm_groups=8), "divisible by norm_groups"),
+    (dict(out_channels=1, num_conditions=-1), "num_conditions must be an int >= 0"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -127,3 +128,14 @@ def test_bad_input_shapes(shape, message):
   net = UNet3D(out_channels=1, depth=2, base_channels=2)
   with pytest.raises(ValueError, match=message):
     net.init(jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("num_conditions, condition, message", [
+    (0, jnp.array([0]), "num_conditions=0 called with condition given"),
+    (3, None, "num_conditions=3 called with condition None"),
+    (3, jnp.array([0, 1]), r"condition must be \(1,\) ints"),
+])
+def test_a_condition_goes_with_num_conditions(num_conditions, condition, message):
+  net = UNet3D(out_channels=1, depth=1, base_channels=2, num_conditions=num_conditions)
+  with pytest.raises(ValueError, match=message):
+    net.init(jax.random.key(0), jnp.zeros((1, 4, 4, 4, 1)), condition)
