@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the finer scales' U-Nets conditioned on the landmark each patch is for (per-landmark scale and shift
   # after every normalisation, zero at init: a plain model's export warm-starts it unchanged)
   model.landmark_film = False
+  # training only: half-widths (mm) of a random shift of each intermediate finer scale's centre (scales
+  # 1 .. S-2, e.g. (16.0, 8.0) for 8/4/2/1 mm), so it learns to correct a coarser scale's miss; () = none
+  model.train_shift_mm = ()
   model.coarse_depth = 0  # the coarsest scale's U-Net depth (a receptive field over the whole grid); 0 = unet.depth
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)

@@ -46,7 +46,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             presence_from=model_config.get("presence_from", "mass"),
                             coarse_unet={"depth": model_config.coarse_depth} if model_config.get("coarse_depth") else None,
                             coarse_com_kind=model_config.get("coarse_com_kind") or None,
-                            landmark_film=model_config.get("landmark_film", False))
+                            landmark_film=model_config.get("landmark_film", False),
+                            train_shift_mm=tuple(model_config.get("train_shift_mm", ())))
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")
   if num_scales != 1:

@@ -79,6 +79,7 @@ BAD_FIELDS = [
     ({"data.outside_value": -1.0, "data.intensity": "none"}, r"data.outside_value=-1.0: a marker needs normalised"),
     ({"model.coarse_depth": 6}, r"model.coarse_depth=6: .*coarsest level \(32 voxels\) divisible"),
     ({"model.landmark_film": True, "data.spacings_mm": (2.0,)}, r"model.landmark_film=True: conditions the finer"),
+    ({"model.train_shift_mm": (4.0, 2.0)}, r"model: train_shift_mm must hold one half-width >= 0 for each of the 1"),
     ({"model.coarse_com_kind": "max"}, r"model: coarse_com_kind must be one of"),
     ({"model.presence": True, "model.presence_from": "heatmap"}, r"model: presence_from must be one of"),
     ({"model.presence": True, "model.presence_from": "image", "data.finest_size": 48},

@@ -153,6 +153,10 @@ class MultiScaleLocNet(nn.Module):
       normalisations conditioned on it: `LocNet.conditioned`): one U-Net serves K landmarks without
       inferring which from the patch (mirror pairs, neighbours). Zero at init, so a plain model's export
       warm-starts it as the same function.
+    train_shift_mm: training only (`__call__`'s `shift_key`): half-widths r_s of a uniform shift U(-r_s, r_s)
+      mm per world axis added to the centre of each intermediate finer scale s = 1 .. S-2 before its crop
+      (the finest scale has `noise_mm`): each scale learns to correct a coarser scale's miss of up to r_s,
+      as on images unlike the training ones. Empty: none (the paper).
   """
 
   num_landmarks: int
@@ -168,6 +172,7 @@ class MultiScaleLocNet(nn.Module):
   coarse_unet: Mapping[str, Any] | None = None
   coarse_com_kind: str | None = None
   landmark_film: bool = False
+  train_shift_mm: tuple[float, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
@@ -183,11 +188,16 @@ class MultiScaleLocNet(nn.Module):
     if not self.noise_mm >= 0:
       raise ValueError(f"noise_mm must be >= 0, got {self.noise_mm!r}")
     resolve_patch_groups(self.patch_groups, 1)
+    shifts = tuple(self.train_shift_mm)
+    if shifts and (len(shifts) != self.num_scales - 2 or not all(r >= 0 for r in shifts)):
+      raise ValueError(f"train_shift_mm must hold one half-width >= 0 for each of the {max(self.num_scales - 2, 0)} "
+                       f"intermediate scales (1 .. S-2), got {shifts!r}")
     super().__post_init__()
 
   @nn.compact
   def __call__(self, volumes: Sequence[jax.Array], affines: Sequence[jax.Array], *,
-               noise_key: jax.Array | None = None, num_samples: int | None = None) -> dict[str, jax.Array]:
+               noise_key: jax.Array | None = None, num_samples: int | None = None,
+               shift_key: jax.Array | None = None) -> dict[str, jax.Array]:
     """Predicts every scale's landmark positions.
 
     Args:
@@ -197,6 +207,8 @@ class MultiScaleLocNet(nn.Module):
       num_samples: with `noise_key`, test-time uncertainty: the coarser scales run once and the finest
         scale runs for N = num_samples shifts at once (one batch of N*B*K patches); sample n uses the key
         ``jax.random.split(noise_key, N)[n]``, so it equals a single pass with that key.
+      shift_key: training only, with `train_shift_mm`: PRNG key of the intermediate scales' shifts
+        (scale s draws with ``fold_in(shift_key, s)``); None: no such shift.
 
     Returns:
       {"pred_mm": (B, S, K, 3) RAS mm, "center_mm": (B, S, K, 3) the centre each scale's input was cut
@@ -228,6 +240,9 @@ class MultiScaleLocNet(nn.Module):
       center = pred_mm[-1]
       if self.stop_gradient:
         center = jax.lax.stop_gradient(center)
+      if shift_key is not None and self.train_shift_mm and s < self.num_scales - 1:
+        center = center + noise_shifts_mm(jax.random.fold_in(shift_key, s), center.shape,
+                                          radius_mm=float(self.train_shift_mm[s - 1]))
       if s == self.num_scales - 1 and noise_key is not None:
         center = self._shifted(center, noise_key, num_samples)  # (B, N*K, 3) with N samples, else (B, K, 3)
       pred, heatmap = refine(nets[s], volumes[s], affines[s], center, num_landmarks=k_count,

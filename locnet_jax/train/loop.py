@@ -78,10 +78,13 @@ def make_train_step(config: ml_collections.ConfigDict):
                                          peak=config.model.heatmap_peak)
   else:
     half = patch_half_mm(config) if config.train.get("loss_in_patch_only", False) else None
+    shift_root = (jax.random.fold_in(jax.random.key(config.seed), 3)  # (seed, step): a resumed run replays it
+                  if tuple(config.model.get("train_shift_mm", ())) else None)
 
     def step(state, batch, key, weights, trainable):
       return steps.train_step(state, batch, key, weights=weights, trainable=trainable,
-                              presence_weight=config.train.get("presence_weight", 1.0), patch_half_mm=half)
+                              presence_weight=config.train.get("presence_weight", 1.0), patch_half_mm=half,
+                              shift_root=shift_root)
   return jax.jit(step, donate_argnums=0)
 
 

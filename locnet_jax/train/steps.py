@@ -56,7 +56,7 @@ def create_train_state(model: nn.Module, *, key: jax.Array, volumes, affines,
 def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Array,
                      noise_key: jax.Array | None,
                      presence_weight: float = 1.0,
-                     patch_half_mm=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     patch_half_mm=None, shift_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of per-scale mean squared errors (mm^2) of the landmarks in the image, with per-scale
   metrics; plus, where the batch has landmarks cut away by a field-of-view crop (``present`` 0 with a
   position), the coarsest scale's `losses.cut_away_loss` (the finer scales' patches around such a point
@@ -65,8 +65,10 @@ def loss_and_metrics(params, batch: dict[str, Any], *, apply_fn, weights: jax.Ar
 
   `patch_half_mm` (S,) mm, when given: a scale's squared error counts only for the landmarks inside its
   input patch (`losses.in_patch`; the half-widths per world axis, inf for the whole-volume coarsest scale):
-  a patch that misses a landmark has nothing to learn it from (config `train.loss_in_patch_only`)."""
-  out = apply_fn({"params": params}, batch["volumes"], batch["affines"], noise_key=noise_key)
+  a patch that misses a landmark has nothing to learn it from (config `train.loss_in_patch_only`).
+  `shift_key`: the intermediate scales' training shifts (`MultiScaleLocNet.train_shift_mm`); None: none."""
+  extra = {} if shift_key is None else {"shift_key": shift_key}
+  out = apply_fn({"params": params}, batch["volumes"], batch["affines"], noise_key=noise_key, **extra)
   target, present = batch["target_mm"], batch.get("present")
   cut = None
   if present is not None:
@@ -113,9 +115,10 @@ def _health(metrics: dict, grads, params) -> dict:
 
 
 def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, *, weights: jax.Array,
-               trainable: jax.Array | None = None,
-               presence_weight: float = 1.0, patch_half_mm=None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step of a Loc-Net model; `key` drives noise injection before the finest crop (None: no noise).
+               trainable: jax.Array | None = None, presence_weight: float = 1.0, patch_half_mm=None,
+               shift_root: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step of a Loc-Net model; `key` drives noise injection before the finest crop (None: no noise);
+  `shift_root`, when given, the intermediate scales' training shifts, keyed ``fold_in(shift_root, step)``.
 
   `weights` (S,) are the per-scale loss weights; `trainable` (S,) 0/1, when given, freezes the scales
   marked 0 (the multi-step baseline trains one scale at a time); `patch_half_mm` as in `loss_and_metrics`. Returns the new state and metrics: loss,
@@ -123,7 +126,9 @@ def train_step(state: TrainState, batch: dict[str, Any], key: jax.Array | None, 
   """
   grad_fn = jax.grad(functools.partial(loss_and_metrics, apply_fn=state.apply_fn, weights=weights,
                                        noise_key=key, presence_weight=presence_weight,
-                                       patch_half_mm=patch_half_mm), has_aux=True)
+                                       patch_half_mm=patch_half_mm,
+                                       shift_key=None if shift_root is None else jax.random.fold_in(
+                                           shift_root, state.step)), has_aux=True)
   grads, metrics = grad_fn(state.params, batch)
   return _apply(state, grads, trainable), _health(metrics, grads, state.params)
 

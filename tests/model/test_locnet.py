@@ -138,6 +138,31 @@ def test_noise_shifts_only_the_finest_centre_uniformly_within_radius():
   helpers.assert_f32_equal(clean["pred_mm"], model.apply(params, volumes, affines)["pred_mm"], scale=HALF_WIDTH)
 
 
+def test_training_shifts_move_each_intermediate_centre_within_its_radius_and_nothing_else():
+  """`train_shift_mm` with a `shift_key`: scale s's crop centre = scale s-1's prediction + U(-r_s, r_s) per
+  axis for the intermediate scales; the finest centre is the previous prediction (no noise key); without
+  the key the model is the plain one; the shifts are keyed (same key, same output)."""
+  volumes, affines = helpers.random_pyramid(batch=2, sizes=(8, 16, 32, 64), spacings=(8.0, 4.0, 2.0, 1.0))
+  model = MultiScaleLocNet(num_landmarks=3, num_scales=4, patch_shape=(8, 8, 8), unet=TINY_UNET, patch_groups=1,
+                           train_shift_mm=(6.0, 3.0))
+  params = helpers.init(model, jax.random.key(0), volumes, affines)
+  plain = MultiScaleLocNet(num_landmarks=3, num_scales=4, patch_shape=(8, 8, 8), unet=TINY_UNET, patch_groups=1)
+  shifted_fn = jax.jit(lambda key: model.apply(params, volumes, affines, shift_key=key))
+  a, a_again, b = shifted_fn(jax.random.key(1)), shifted_fn(jax.random.key(1)), shifted_fn(jax.random.key(2))
+  clean = jax.jit(lambda: plain.apply(params, volumes, affines))()
+  np.testing.assert_array_equal(a["pred_mm"], a_again["pred_mm"])
+  assert not np.allclose(a["pred_mm"][:, 1:], b["pred_mm"][:, 1:])
+  helpers.assert_f32_equal(jax.jit(lambda: model.apply(params, volumes, affines))()["pred_mm"], clean["pred_mm"],
+                           scale=HALF_WIDTH)
+  helpers.assert_f32_equal(a["pred_mm"][:, 0], clean["pred_mm"][:, 0], scale=HALF_WIDTH)  # the coarsest: untouched
+  for s, radius in ((1, 6.0), (2, 3.0)):
+    shift = np.asarray(a["center_mm"][:, s] - a["pred_mm"][:, s - 1])
+    assert np.all(np.abs(shift) <= radius + 1e-4) and np.abs(shift).max() > radius / 3, (s, shift)
+  helpers.assert_f32_equal(a["center_mm"][:, 3], a["pred_mm"][:, 2], scale=HALF_WIDTH)  # the finest: no shift
+  with pytest.raises(ValueError, match="train_shift_mm must hold one half-width >= 0 for each of the 2"):
+    plain.clone(train_shift_mm=(4.0,))
+
+
 def test_vmap_over_noise_keys_equals_a_loop():
   volumes, affines = helpers.random_pyramid(batch=1)
   model = MultiScaleLocNet(num_landmarks=2, num_scales=3, patch_shape=(8, 8, 8), unet=TINY_UNET, patch_groups=1)

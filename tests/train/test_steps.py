@@ -34,6 +34,24 @@ def test_training_step_overfits_one_case():
   assert pred.shape == (1, 2, 2, 3)
 
 
+def test_training_shifts_are_keyed_by_the_step():
+  """`shift_root` shifts the intermediate scale's centre (another loss than without), drawn from
+  (root, step): the same state and root give the same step, another step another shift."""
+  case = synthetic.make_case(np.random.default_rng(2), spacings_mm=(8.0, 4.0, 2.0), finest_size=32,
+                             num_landmarks=2)
+  batch = loader.collate([case])
+  model = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=2),
+                           patch_groups=1, train_shift_mm=(12.0,))
+  state = steps.create_train_state(model, key=jax.random.key(0), volumes=batch["volumes"],
+                                   affines=batch["affines"], learning_rate=1e-3)
+  step = jax.jit(steps.train_step)
+  weights, root = jnp.ones(3), jax.random.key(5)
+  loss = lambda st, r: float(step(st, batch, None, weights=weights, shift_root=r)[1]["per_scale_mse_mm2"][1])  # noqa: E731
+  plain, shifted = loss(state, None), loss(state, root)
+  assert shifted != plain and loss(state, root) == shifted
+  assert loss(state.replace(step=state.step + 1), root) != shifted
+
+
 def test_loss_and_metrics_match_a_direct_computation():
   case = synthetic.make_case(np.random.default_rng(1), spacings_mm=(8.0, 4.0), finest_size=16,
                              num_landmarks=3)
