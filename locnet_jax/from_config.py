@@ -154,10 +154,15 @@ def manifest_path(data_config: ml_collections.ConfigDict, *, seed: int, log=prin
   if data_config.source != "afids":
     raise ConfigError(f"data.source={data_config.source!r} has no manifest; supported: ('manifest', 'afids')")
   folder = Path(data_config.afids_dir)
+  wanted = afids_landmarks(data_config)
   if not (folder / "dataset.json").is_file():
     log(f"building the AFIDs benchmark in {folder} (once)")
-    afids.build(folder, seed=seed, landmarks=afids_landmarks(data_config), workers=parallel.cpu_workers(),
-                log=lambda *_: None)
+    afids.build(folder, seed=seed, landmarks=wanted, workers=parallel.cpu_workers(), log=lambda *_: None)
+  held = dataset.load_manifest(folder / "dataset.json").landmarks
+  if tuple(held) != tuple(wanted):  # a set built for other AFIDs would silently train another model
+    raise ConfigError(f"data.afids_dir={str(folder)!r} holds the AFIDs {','.join(held)}, the config asks for "
+                      f"data.afids_landmarks={','.join(wanted)}: point data.afids_dir at another folder (built "
+                      "there on first use) or build it with python -m locnet_jax.data.afids --out DIR --landmarks ...")
   return folder / "dataset.json"
 
 

@@ -4,6 +4,7 @@
 import pytest
 
 from locnet_jax import from_config
+from tests import helpers
 
 
 def test_evaluation_may_change_the_compute_dtype_but_not_the_model(tmp_path):
@@ -132,3 +133,15 @@ def test_a_model_card_names_its_data_set_by_a_path_that_travels(tmp_path, monkey
   config.source = "synthetic"
   assert from_config.data_recipe(config, seed=3) == {"source": "synthetic", "seed": 3,
                                                       "cases": {"train": config.num_train, "val": config.num_val}}
+
+
+def test_an_afids_folder_built_for_other_landmarks_is_refused_not_trained_on(tmp_path):
+  """data.source='afids' reads data.afids_dir as built; a set there with other landmarks than
+  data.afids_landmarks is a ConfigError naming the folder and both lists (it would train another model)."""
+  helpers.tiny_dataset(tmp_path / "afids")  # landmarks "A", "B"
+  config = helpers.tiny_config()
+  config.data.source, config.data.afids_dir, config.data.afids_landmarks = "afids", str(tmp_path / "afids"), "A,B"
+  assert from_config.manifest_path(config.data, seed=0) == tmp_path / "afids" / "dataset.json"
+  config.data.afids_landmarks = "A"
+  with pytest.raises(from_config.ConfigError, match=r"holds the AFIDs A,B, the config asks for data.afids_landmarks=A:"):
+    from_config.manifest_path(config.data, seed=0)
