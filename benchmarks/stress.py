@@ -214,9 +214,9 @@ def main() -> None:
   if args.points:
     sets = {"val": (Path(args.afids) / "dataset.json", "val"), **sets}
   all_results = {}
+  Path(args.out).mkdir(parents=True, exist_ok=True)  # before the scoring: its minutes are not lost to a bad --out
   for folder in [Path(m) for m in args.models.split(",")]:
     points = {} if args.points else None
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # before the scoring: its minutes are not lost to a bad --out
     results = score_model(folder, sets, num_samples=args.num_noise_samples, log=print, points=points)
     if points:
       np.savez_compressed(Path(args.out) / f"points_{folder.name}.npz",

@@ -37,11 +37,12 @@ def learning_rate(peak: float, *, schedule: str = "constant", total_steps: int =
       raise ValueError("train.warmup_epochs needs train.lr_schedule='cosine'")
     return peak
   if schedule == "cosine":
-    total, warmup = max(int(total_steps), 1), int(warmup_steps)
-    if warmup <= 0:
+    total = max(int(total_steps), 1)
+    if not warmup_steps:
       return optax.cosine_decay_schedule(peak, decay_steps=total)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=min(warmup, total - 1) or 1,
-                                              decay_steps=max(total, warmup + 1), end_value=0.0)
+    if not 0 < warmup_steps < total:
+      raise ValueError(f"warmup_steps must lie in (0, total_steps={total}), got {warmup_steps}")
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=int(warmup_steps), decay_steps=total)
   raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
 
 

@@ -109,6 +109,8 @@ def test_a_warmed_up_cosine_rises_from_zero_to_its_peak_then_falls_to_zero():
   assert float(rate(100)) == pytest.approx(0.0, abs=1e-12)
   with pytest.raises(ValueError, match="warmup"):
     steps.learning_rate(4e-4, warmup_steps=10)  # the constant rate has no warm-up
+  with pytest.raises(ValueError, match="warmup_steps must lie in"):
+    steps.learning_rate(4e-4, schedule="cosine", total_steps=10, warmup_steps=10)
 
 
 def test_a_cut_away_landmark_is_trained_at_the_coarsest_scale_only_by_its_radial_error():
