@@ -14,9 +14,10 @@ import io as _io
 import json
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from locnet_jax.data import augment_host, preprocess
 
 CACHE_VERSION = 1  # bump when preprocessing code changes what it produces
 SHM_PREFIX = "locnet_"  # shared-memory blocks of the loader's workers: locnet_<training PID>_<random>
+SHM_DIR = Path("/dev/shm")  # where Linux keeps them
+ORPHAN_AGE_S = 6 * 3600  # a block lives for a few batches; one this old whose run is gone was left by a kill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,14 +203,47 @@ def _augmented(source, seed_triple, settings) -> Example:
   return Example(example.case_id, out.pyramid, out.target_mm, out.present)
 
 
+def create_shared_block(name: str, *, size: int) -> shared_memory.SharedMemory:
+  """A new shared-memory block, registered with the run's resource tracker BEFORE it exists.
+
+  `SharedMemory(create=True)` registers only after creating (and sizing and mapping) the block: a worker
+  killed in between (its trainer killed, `parallel.die_with_parent`) left a block nobody would unlink.
+  Registered first, the tracker unlinks it once the run is gone (a name never created is skipped with a
+  warning on stderr); the reader's `unlink` unregisters it. Double registration is harmless (a set).
+  """
+  if os.name == "posix":
+    resource_tracker.register(f"/{name}", "shared_memory")  # the name SharedMemory itself registers
+  return shared_memory.SharedMemory(create=True, size=size, name=name)
+
+
+def sweep_orphaned_blocks(*, shm_dir: Path = SHM_DIR, older_than_s: float = ORPHAN_AGE_S) -> int:
+  """Deletes loader blocks older than `older_than_s` whose run (the PID in the name) is not running; the
+  bytes freed.
+
+  The resource tracker frees a killed run's blocks unless it is killed too (SIGKILL to the whole
+  process group: a scheduler's time limit, a closed session); those would hold memory until reboot.
+  The age keeps a run in another PID namespace that shares the folder safe (its blocks live seconds).
+  """
+  freed = 0
+  for path in shm_dir.glob(f"{SHM_PREFIX}*_*") if shm_dir.is_dir() else ():
+    pid = path.name[len(SHM_PREFIX):].split("_", 1)[0]
+    try:
+      stat = path.stat()
+      if not pid.isdigit() or Path(f"/proc/{pid}").exists() or time.time() - stat.st_mtime < older_than_s:
+        continue
+      path.unlink()
+    except OSError:  # gone meanwhile, or not ours to delete
+      continue
+    freed += stat.st_size
+  return freed
+
+
 def _augmented_in_shared_memory(source, seed_triple, settings):
   """In a worker: the augmented example with its volumes in one shared-memory block (not pickled)."""
   example = _augmented(source, seed_triple, settings)
   volumes = example.pyramid.volumes
-  # Registered with the run's resource tracker (shared with the parent): the parent's unlink unregisters
-  # it; if the run is killed first, the tracker unlinks it once the run and its workers are gone.
-  block = shared_memory.SharedMemory(create=True, size=max(1, sum(v.nbytes for v in volumes)),
-                                     name=f"{SHM_PREFIX}{os.getppid()}_{secrets.token_hex(8)}")
+  block = create_shared_block(f"{SHM_PREFIX}{os.getppid()}_{secrets.token_hex(8)}",
+                              size=max(1, sum(v.nbytes for v in volumes)))
   offset, layout = 0, []
   for v in volumes:
     np.ndarray(v.shape, v.dtype, buffer=block.buf, offset=offset)[...] = v

@@ -229,8 +229,11 @@ def _training_batches(config, data: Data, *, mesh, host_augment, log):
     return batches
   if config.train.data_on == "auto" and host_augment is None and jax.default_backend() != "cpu":
     log("train.data_on='auto': the training set stays on the host (see choose_data_on)")
+  workers = config.train.loader_workers if data.from_files else 0
+  if workers and (freed := loader.sweep_orphaned_blocks()):
+    log(f"freed {freed / 1e6:.0f} MB of shared memory left by killed runs ({loader.SHM_DIR}/{loader.SHM_PREFIX}*)")
   return loader.Loader(data.train, batch_size=config.train.batch_size, seed=config.seed, augment=host_augment,
-                         workers=config.train.loader_workers if data.from_files else 0)
+                       workers=workers)
 
 
 def _train_epochs(config, workdir: Path, checkpoints, *, data: Data, model, state, mesh, root, first_epoch: int,

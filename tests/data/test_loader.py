@@ -1,5 +1,11 @@
 """Augmentation moves image and landmarks together; the cache is keyed by content and settings; the
-loader is deterministic whatever the number of workers."""
+loader is deterministic whatever the number of workers; no shared-memory block outlives a killed run."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import nibabel as nib
 import numpy as np
@@ -18,12 +24,6 @@ AXIS_ALIGNED = helpers.affine([1.5] * 3, [-30.0] * 3)  # 40^3 voxels of 1.5 mm a
 
 def _blob_pyramid(center_mm):
   return helpers.blob_pyramid(center_mm, affine_=AXIS_ALIGNED, spacings_mm=(4.0, 2.0, 1.0), finest_size=48)
-
-
-
-
-
-
 
 
 def _image(path, seed=0, shift=0.0):
@@ -132,3 +132,53 @@ def test_images_no_landmark_model_can_read_are_refused_naming_the_file(tmp_path,
   with pytest.raises(io.DataError, match=message) as error:
     loader.compute_pyramid(path, settings)
   assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+_KILLED_WHILE_CREATING = textwrap.dedent("""
+    import os, signal, sys
+    os.ftruncate = lambda *_: os.kill(os.getpid(), signal.SIGKILL)  # dies after the block exists, before it is sized
+    if sys.argv[2] == "ours":
+        from locnet_jax.data import loader
+        loader.create_shared_block(sys.argv[1], size=4096)
+    else:
+        from multiprocessing import shared_memory
+        shared_memory.SharedMemory(create=True, size=4096, name=sys.argv[1])
+""")
+
+
+def _shm_gone(name: str, *, wait_s: float) -> bool:
+  deadline = time.time() + wait_s
+  while (loader.SHM_DIR / name).exists() and time.time() < deadline:
+    time.sleep(0.05)
+  return not (loader.SHM_DIR / name).exists()
+
+
+@pytest.mark.skipif(not loader.SHM_DIR.is_dir(), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_a_worker_killed_while_creating_its_block_leaves_nothing_behind():
+  """The race CI once hit: SharedMemory registers with the tracker only after creating the block."""
+  names = {kind: f"{loader.SHM_PREFIX}test{os.getpid()}_{kind}" for kind in ("stdlib", "ours")}
+  try:
+    for kind, name in names.items():
+      result = subprocess.run([sys.executable, "-c", _KILLED_WHILE_CREATING, name, kind], cwd=helpers.ROOT,
+                              capture_output=True, text=True, timeout=120)
+      assert result.returncode == -9, result.stderr
+    # the control shows the kill lands in the window: the standard library's block outlives its process
+    assert (loader.SHM_DIR / names["stdlib"]).exists()
+    assert _shm_gone(names["ours"], wait_s=10.0), "a block created by a killed worker was never unlinked"
+  finally:
+    for name in names.values():
+      (loader.SHM_DIR / name).unlink(missing_ok=True)
+
+
+def test_only_old_blocks_of_runs_that_are_gone_are_swept(tmp_path):
+  dead_pid = 9_999_999  # above Linux's largest pid_max (2^22): no such process
+  old = time.time() - loader.ORPHAN_AGE_S - 60
+  files = {"orphan": f"{loader.SHM_PREFIX}{dead_pid}_aa", "fresh": f"{loader.SHM_PREFIX}{dead_pid}_bb",
+           "running": f"{loader.SHM_PREFIX}{os.getpid()}_cc", "not ours": f"other_{dead_pid}_dd"}
+  for what, name in files.items():
+    (tmp_path / name).write_bytes(b"x" * 1000)
+    if what != "fresh":
+      os.utime(tmp_path / name, (old, old))
+  assert loader.sweep_orphaned_blocks(shm_dir=tmp_path) == 1000
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in files.items() if k != "orphan")
+  assert loader.sweep_orphaned_blocks(shm_dir=tmp_path / "missing") == 0
