@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 1 .. S-2, e.g. (16.0, 8.0) for 8/4/2/1 mm), so it learns to correct a coarser scale's miss; () = none
   model.train_shift_mm = ()
   model.coarse_depth = 0  # the coarsest scale's U-Net depth (a receptive field over the whole grid); 0 = unet.depth
+  model.finest_channels = 0  # the finest scale's U-Net base channels (the scale that sets the accuracy); 0 = unet.base_channels
   model.noise_mm = 5.0  # uniform shift U(-r, r) mm per axis before the finest crop (paper: 5)
   model.stop_gradient = False  # True: no gradient between scales (the multi-step baseline)
   model.extra_levels = 1  # "single_scale": U-Net levels added to unet.depth (paper, footnote 2)
@@ -93,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (e.g. the presence output) starts from the seed's init. Several, comma-separated: each gives the
   # parameters the ones before it lacked (e.g. "a_model,a_presence_reader"). Read only when the workdir is new.
   train.init_from = ""
+  # parameter paths (prefixes, comma-separated, e.g. "scale3") that keep the seed's init instead of
+  # init_from's: a scale whose size changed (model.finest_channels) trains afresh under the warm-started rest
+  train.init_skip = ""
   train.batch_size = 1  # volumes per step (paper: 1)
   # "paper": all scales together, weights scheduled per epoch (losses.loss_weights); "multistep": one
   # scale at a time, coarse first, equal shares of the epochs, the others frozen (Table 1 baseline);

@@ -46,6 +46,8 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             presence_from=model_config.get("presence_from", "mass"),
                             coarse_unet={"depth": model_config.coarse_depth} if model_config.get("coarse_depth") else None,
                             coarse_com_kind=model_config.get("coarse_com_kind") or None,
+                            finest_unet=({"base_channels": model_config.finest_channels}
+                                         if model_config.get("finest_channels") else None),
                             landmark_film=model_config.get("landmark_film", False),
                             train_shift_mm=tuple(model_config.get("train_shift_mm", ())))
   if model_config.kind not in MODEL_KINDS:
@@ -100,6 +102,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(coarse_depth, int) and coarse_depth >= 1 and levels[-1] % 2 ** coarse_depth == 0,
            "model.coarse_depth", coarse_depth, f"0, or an int >= 1 with the coarsest level ({levels[-1]} voxels) "
            "divisible by 2**coarse_depth")
+  finest_channels = m.get("finest_channels", 0)
+  _require(isinstance(finest_channels, int) and finest_channels >= 0, "model.finest_channels", finest_channels,
+           "0 (unet.base_channels) or an int >= 1")
   _require(not m.get("landmark_film") or (m.kind == "multiscale" and len(spacings) > 1), "model.landmark_film",
            m.get("landmark_film"), "conditions the finer scales: needs model.kind='multiscale' and 2+ spacings")
   if m.get("presence") and m.get("presence_from", "mass") == "image":

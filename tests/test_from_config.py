@@ -79,6 +79,7 @@ BAD_FIELDS = [
     ({"data.outside_value": 0.5}, r"data.outside_value=0.5: 0, or < 0 to mark the outside"),
     ({"data.outside_value": -1.0, "data.intensity": "none"}, r"data.outside_value=-1.0: a marker needs normalised"),
     ({"model.coarse_depth": 6}, r"model.coarse_depth=6: .*coarsest level \(32 voxels\) divisible"),
+    ({"model.finest_channels": -4}, r"model.finest_channels=-4: 0 \(unet.base_channels\) or an int >= 1"),
     ({"model.landmark_film": True, "data.spacings_mm": (2.0,)}, r"model.landmark_film=True: conditions the finer"),
     ({"model.train_shift_mm": (4.0, 2.0)}, r"model: train_shift_mm must hold one half-width >= 0 for each of the 1"),
     ({"model.coarse_com_kind": "max"}, r"model: coarse_com_kind must be one of"),
@@ -101,6 +102,15 @@ def test_every_field_is_checked_before_any_work(changes, message):
     section[name] = value
   with pytest.raises(from_config.ConfigError, match=message):
     from_config.validate(config)
+
+
+def test_finest_channels_widen_the_finest_scale_only():
+  from configs import multiscale
+  config = multiscale.get_config("demo")
+  assert from_config.create_model(config.model, num_landmarks=2, num_scales=3).finest_unet is None
+  config.model.finest_channels = 24
+  model = from_config.create_model(config.model, num_landmarks=2, num_scales=3)
+  assert model.finest_unet == {"base_channels": 24} and model.unet["base_channels"] == 8
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_preprocessing(tmp_path):

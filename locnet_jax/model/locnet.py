@@ -149,6 +149,8 @@ class MultiScaleLocNet(nn.Module):
     coarse_unet: overrides of `unet` for scale 0 (e.g. a deeper U-Net, whose receptive field spans the
       whole field of view: it must place landmarks the image cuts away); None: `unet`.
     coarse_com_kind: scale 0's centre-of-mass kind; None: `com_kind`.
+    finest_unet: overrides of `unet` for the finest scale S-1 (e.g. more channels: it sets the accuracy,
+      and costs one K-patch batch like every other finer scale); None: `unet`. Ignored when S = 1.
     landmark_film: the finer scales' U-Nets know which landmark each patch was cut for (their
       normalisations conditioned on it: `LocNet.conditioned`): one U-Net serves K landmarks without
       inferring which from the patch (mirror pairs, neighbours). Zero at init, so a plain model's export
@@ -171,6 +173,7 @@ class MultiScaleLocNet(nn.Module):
   presence_from: str = "mass"
   coarse_unet: Mapping[str, Any] | None = None
   coarse_com_kind: str | None = None
+  finest_unet: Mapping[str, Any] | None = None
   landmark_film: bool = False
   train_shift_mm: tuple[float, ...] = ()
 
@@ -226,7 +229,9 @@ class MultiScaleLocNet(nn.Module):
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     coarse = LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.coarse_unet or {})},
                     self.coarse_com_kind or self.com_kind, name="scale0")
-    nets = [coarse] + [LocNet(self.num_landmarks, self.unet, self.com_kind, self.landmark_film, name=f"scale{s}")
+    last = self.num_scales - 1
+    nets = [coarse] + [LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.finest_unet or {})}
+                              if s == last else self.unet, self.com_kind, self.landmark_film, name=f"scale{s}")
                        for s in range(1, self.num_scales)]
 
     coarse_vox, heatmap = nets[0](volumes[0])

@@ -183,15 +183,18 @@ def load_exported(directory: str | Path, target_params) -> tuple[Any, dict]:
   return params, json.loads((directory / EXPORT_META).read_text())
 
 
-def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...], only=None) -> tuple[Any, list[str]]:
+def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...], only=None,
+               skip: tuple[str, ...] = ()) -> tuple[Any, list[str]]:
   """Fine-tuning's start: `params` (a fresh init) with every leaf the exported model folder `source`
   holds at the same path taken from it; returns (parameters, paths kept from the init).
 
   Leaves the model has and the source lacks (e.g. a presence output added to a model trained without
   one) keep their init; the source's `landmarks` must equal the run's (the heatmap channels are landmarks,
   in order). `only` (a set of "a/b/c" paths; None: all) limits what is taken, so several sources can fill
-  one model in turn (each the leaves the ones before it lacked). A leaf of another shape, a source that is
-  not an exported folder, or nothing to take is a `io.DataError` naming `source`.
+  one model in turn (each the leaves the ones before it lacked). `skip` ("a/b" path prefixes) keeps the
+  init of everything under them, whatever the source holds there (a scale resized since the source was
+  trained). A leaf of another shape, a source that is not an exported folder, or nothing to take is a
+  `io.DataError` naming `source`.
   """
   source = Path(source).absolute()
   if not is_exported(source):
@@ -202,6 +205,8 @@ def warm_start(params, source: str | Path, *, landmarks: tuple[str, ...], only=N
     raise io.DataError(source, f"its landmarks {list(saved_landmarks)} differ from the run's {list(landmarks)}")
   with ocp.StandardCheckpointer() as checkpointer:
     saved = traverse_util.flatten_dict(checkpointer.restore(source / EXPORT_PARAMS), sep="/")
+  skipped = lambda path: any(path == p or path.startswith(p.rstrip("/") + "/") for p in skip)  # noqa: E731
+  saved = {path: value for path, value in saved.items() if not skipped(path)}
   fresh = traverse_util.flatten_dict(params, sep="/")
   for path in sorted(set(saved) & set(fresh)):
     if tuple(saved[path].shape) != tuple(fresh[path].shape):

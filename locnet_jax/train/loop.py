@@ -176,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if saved is None and config.train.init_from:
       params, fresh = state.params, None
       for source in init_sources(config.train.init_from):  # each fills what the ones before it lacked
-        params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh)
+        params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh,
+                                                   skip=tuple(init_sources(config.train.get("init_skip", ""))))
         log(f"starting from {source}" + (f" (new: {', '.join(fresh)})" if fresh else ""))
       state = state.replace(params=params)
     state = parallel.replicate(state, mesh)
@@ -207,7 +208,8 @@ def choose_data_on(value: str, *, host_augment: bool, backend: str, processes: i
 
 
 def init_sources(init_from: str) -> list[str]:
-  """`train.init_from`'s exported model folders, comma-separated, in order."""
+  """The entries of a comma-separated config string (`train.init_from`'s model folders, `train.init_skip`'s
+  parameter paths), in order."""
   return [part.strip() for part in init_from.split(",") if part.strip()]
 
 

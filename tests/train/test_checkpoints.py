@@ -37,7 +37,7 @@ def test_a_workdir_lock_names_its_holder_and_is_taken_over_when_the_holder_died(
 
 def _init_params(model, seed: int, sizes=(4, 8)):
   from tests import helpers
-  volumes, affines = helpers.random_pyramid(sizes=sizes, spacings=(8.0, 4.0)[:len(sizes)])
+  volumes, affines = helpers.random_pyramid(sizes=sizes, spacings=(8.0, 4.0, 2.0)[:len(sizes)])
   return helpers.init(model, jax.random.key(seed), volumes, affines)["params"]
 
 
@@ -80,6 +80,29 @@ def test_two_sources_fill_one_model_in_turn(tmp_path):
   from locnet_jax.train import loop
   assert loop.init_sources(f" {tmp_path / 'loc'}, {tmp_path / 'pres'} ,") == [str(tmp_path / "loc"),
                                                                              str(tmp_path / "pres")]
+
+
+def test_a_wider_finest_scale_starts_afresh_under_the_warm_started_rest(tmp_path):
+  """`finest_unet` widens only the last scale; `skip` keeps its init (a shape mismatch there is no error)
+  while every other scale comes from the source, and a mismatch outside `skip` is still refused."""
+  from locnet_jax.model import locnet
+  unet = {"depth": 1, "base_channels": 2}
+  plain = locnet.MultiScaleLocNet(2, num_scales=3, unet=unet, patch_shape=(4, 4, 4))
+  wide = plain.clone(finest_unet={"base_channels": 6})
+  source, fresh = _init_params(plain, seed=1, sizes=(8, 16, 32)), _init_params(wide, seed=2, sizes=(8, 16, 32))
+  widths = lambda params: {leaf.shape[-1] for leaf in jax.tree.leaves(params)}  # noqa: E731
+  assert max(widths(fresh["scale2"])) > max(widths(source["scale2"]))  # wider
+  jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), fresh["scale1"], source["scale1"])
+  checkpoints.export_model(tmp_path / "m", source, {"landmarks": ["A", "B"]})
+  with pytest.raises(io.DataError, match="scale2/.* shape"):
+    checkpoints.warm_start(fresh, tmp_path / "m", landmarks=("A", "B"))
+  started, new = checkpoints.warm_start(fresh, tmp_path / "m", landmarks=("A", "B"), skip=("scale2/",))
+  assert new and all(path.startswith("scale2/") for path in new)
+  jax.tree.map(np.testing.assert_array_equal, started["scale2"], fresh["scale2"])
+  for name in ("scale0", "scale1"):
+    jax.tree.map(np.testing.assert_array_equal, started[name], source[name])
+  with pytest.raises(io.DataError, match="scale2/.* shape"):  # "scale" is no path prefix of "scale2/..."
+    checkpoints.warm_start(fresh, tmp_path / "m", landmarks=("A", "B"), skip=("scale",))
 
 
 def test_warm_start_refuses_what_does_not_fit(tmp_path):
