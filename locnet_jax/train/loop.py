@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       for source in init_sources(config.train.init_from):  # each fills what the ones before it lacked
         params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh,
                                                    skip=tuple(init_sources(config.train.get("init_skip", ""))))
-        log(f"starting from {source}" + (f" (new: {', '.join(fresh)})" if fresh else ""))
+        log(f"starting from {source}" + (f" (new: {path_summary(fresh)})" if fresh else ""))
       state = state.replace(params=params)
     state = parallel.replicate(state, mesh)
     first_epoch, step, meta = 0, 0, None
@@ -205,6 +205,16 @@ def choose_data_on(value: str, *, host_augment: bool, backend: str, processes: i
   if host_augment or backend == "cpu" or processes > 1 or not bytes_limit:
     return "host"
   return "device" if need_bytes() <= RESIDENT_SHARE * bytes_limit else "host"
+
+
+def path_summary(paths: list[str]) -> str:
+  """Parameter paths for a log line: each module (a leaf's path without its name, at most two parts) once,
+  with how many leaves under it, e.g. "presence (2), scale3/unet (54)"."""
+  counts: dict[str, int] = {}
+  for path in paths:
+    module = "/".join(path.split("/")[:-1][:2]) or path
+    counts[module] = counts.get(module, 0) + 1
+  return ", ".join(f"{module} ({count})" for module, count in sorted(counts.items()))
 
 
 def init_sources(init_from: str) -> list[str]:

@@ -78,6 +78,8 @@ def test_two_sources_fill_one_model_in_turn(tmp_path):
   with pytest.raises(io.DataError, match="that an earlier source did not give"):
     checkpoints.warm_start(started, tmp_path / "pres", landmarks=("A", "B"), only=[])
   from locnet_jax.train import loop
+  assert loop.path_summary(["scale3/unet/head/bias", "presence/bias", "scale3/unet/enc0_conv0/kernel",
+                            "presence/weight", "scale2/unet/head/bias"]) == "presence (2), scale2/unet (1), scale3/unet (2)"
   assert loop.init_sources(f" {tmp_path / 'loc'}, {tmp_path / 'pres'} ,") == [str(tmp_path / "loc"),
                                                                              str(tmp_path / "pres")]
 
