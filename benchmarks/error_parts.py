@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.qc_rules import load  # noqa: E402
 
-WHOLE_HEAD_SETS = ("val", "test", "t2w", "deform", "thick")
+WHOLE_HEAD_SETS = ("train", "val", "test", "t2w", "deform", "thick")  # "train": stress.py --train
 
 
 def parts(error_vec_mm: np.ndarray, val_bias_mm: np.ndarray) -> dict[str, float]:

@@ -33,7 +33,7 @@ from locnet_jax.eval import metrics, predict, qc, restore, scoring  # noqa: E402
 
 def _sets(args) -> dict[str, tuple[Path, str]]:
   sets = {"test": (Path(args.afids) / "dataset.json", "test")}
-  for kind in args.kinds.split(","):
+  for kind in filter(None, args.kinds.split(",")):  # --kinds= scores the AFIDs splits alone
     sets[kind] = (Path(args.stress) / kind / "dataset.json", "test")
   return sets
 
@@ -209,10 +209,14 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--points", action="store_true", help="also score the AFIDs validation split and write "
                       "every set's per-point arrays to <out>/points_<model>.npz (benchmarks/qc_rules.py reads them)")
+  parser.add_argument("--train", action="store_true", help="with --points, also the training split as it is "
+                      "stored (no augmentation): how well the model fits its own cases (benchmarks/error_parts.py)")
   args = parser.parse_args()
   sets = _sets(args)
   if args.points:
     sets = {"val": (Path(args.afids) / "dataset.json", "val"), **sets}
+  if args.points and args.train:
+    sets = {"train": (Path(args.afids) / "dataset.json", "train"), **sets}
   all_results = {}
   Path(args.out).mkdir(parents=True, exist_ok=True)  # before the scoring: its minutes are not lost to a bad --out
   for folder in [Path(m) for m in args.models.split(",")]:
