@@ -255,7 +255,7 @@ def test_a_run_can_start_from_an_exported_model(tmp_path):
   params = helpers.restore_run(tmp_path / "b", tuned).state.params
   assert set(params) == {*source, "presence"}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), {k: params[k] for k in source}, source)
-  assert any("starting from" in line and "presence/bias" in line for line in logs)
+  assert any("starting from" in line and "(new: presence (2))" in line for line in logs)
   records = [json.loads(line) for run in "ab" for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
   assert "train_presence_bce" not in records[0] and 0 < records[1]["train_presence_bce"] < 10  # logged with presence
 
