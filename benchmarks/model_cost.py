@@ -47,11 +47,6 @@ SIZES = {
     "demo": dict(num_landmarks=6, spacings=(8.0, 4.0, 2.0), finest=128, patch=24,
                  unet=dict(depth=2, base_channels=8)),
 }
-# the shipped 32-AFID chain (conditioned finer scales), and with a wider finest U-Net (model.finest_channels)
-SIZES["afids32"] = dict(num_landmarks=32, spacings=(8.0, 4.0, 2.0, 1.0), finest=256, patch=24,
-                        unet=dict(depth=2, base_channels=8), landmark_film=True)
-for _width in (12, 16):
-  SIZES[f"afids32_finest{_width}"] = {**SIZES["afids32"], "finest_unet": {"base_channels": _width}}
 # the single-scale Loc-Net baseline on the whole volume (one more U-Net level, paper footnote 2)
 SIZES["single224"] = dict(num_landmarks=2, spacings=(1.0,), finest=224, patch=56, unet=dict(depth=3, base_channels=16))
 SIZES["single448"] = dict(num_landmarks=2, spacings=(0.5,), finest=448, patch=56, unet=dict(depth=3, base_channels=16))
@@ -88,8 +83,7 @@ def build_workloads(spec: dict, *, conv_impl: str = "auto", dtype: str = "float3
 
   volumes, affines, target = _inputs(spec)
   model = MultiScaleLocNet(spec["num_landmarks"], num_scales=len(spec["spacings"]),
-                           patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl, "dtype": dtype},
-                           landmark_film=spec.get("landmark_film", False), finest_unet=spec.get("finest_unet"))
+                           patch_shape=(spec["patch"],) * 3, unet={**spec["unet"], "conv_impl": conv_impl, "dtype": dtype})
   state = steps.create_train_state(model, key=jax.random.key(0), volumes=volumes, affines=affines,
                                       learning_rate=5e-4)
   key = jax.random.key(1) if len(spec["spacings"]) > 1 else None  # a single scale has no noise injection
