@@ -110,7 +110,7 @@ def earlier_runs(init_from: str) -> list[dict]:
   """The training runs behind `train.init_from`'s exported models, oldest first, from their cards (a card
   from before `runs` were recorded counts as one run of its `epochs` and `training_seconds`)."""
   runs = []
-  for source in loop.init_sources(init_from):
+  for source in loop.comma_separated(init_from):
     card_path = Path(source) / checkpoints_lib.EXPORT_META
     if not card_path.is_file():
       continue  # a training workdir, not an exported model: its own records are not in a card

@@ -229,10 +229,9 @@ class MultiScaleLocNet(nn.Module):
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     coarse = LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.coarse_unet or {})},
                     self.coarse_com_kind or self.com_kind, name="scale0")
-    last = self.num_scales - 1
-    nets = [coarse] + [LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.finest_unet or {})}
-                              if s == last else self.unet, self.com_kind, self.landmark_film, name=f"scale{s}")
-                       for s in range(1, self.num_scales)]
+    finest = {**dict(self.unet or {}), **dict(self.finest_unet or {})}
+    nets = [coarse] + [LocNet(self.num_landmarks, finest if s == self.num_scales - 1 else self.unet, self.com_kind,
+                              self.landmark_film, name=f"scale{s}") for s in range(1, self.num_scales)]
 
     coarse_vox, heatmap = nets[0](volumes[0])
     self.sow("intermediates", "heatmap0", heatmap)

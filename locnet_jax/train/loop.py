@@ -174,10 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                             total_steps=config.train.num_epochs * steps_per_epoch,
                                             warmup_steps=config.train.get("warmup_epochs", 0) * steps_per_epoch))
     if saved is None and config.train.init_from:
-      params, fresh = state.params, None
-      for source in init_sources(config.train.init_from):  # each fills what the ones before it lacked
-        params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh,
-                                                   skip=tuple(init_sources(config.train.get("init_skip", ""))))
+      params, fresh, skip = state.params, None, tuple(comma_separated(config.train.get("init_skip", "")))
+      for source in comma_separated(config.train.init_from):  # each fills what the ones before it lacked
+        params, fresh = checkpoints_lib.warm_start(params, source, landmarks=data.names, only=fresh, skip=skip)
         log(f"starting from {source}" + (f" (new: {path_summary(fresh)})" if fresh else ""))
       state = state.replace(params=params)
     state = parallel.replicate(state, mesh)
@@ -217,10 +216,10 @@ def path_summary(paths: list[str]) -> str:
   return ", ".join(f"{module} ({count})" for module, count in sorted(counts.items()))
 
 
-def init_sources(init_from: str) -> list[str]:
+def comma_separated(text: str) -> list[str]:
   """The entries of a comma-separated config string (`train.init_from`'s model folders, `train.init_skip`'s
   parameter paths), in order."""
-  return [part.strip() for part in init_from.split(",") if part.strip()]
+  return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _training_batches(config, data: Data, *, mesh, host_augment, log):

@@ -80,7 +80,7 @@ def test_two_sources_fill_one_model_in_turn(tmp_path):
   from locnet_jax.train import loop
   assert loop.path_summary(["scale3/unet/head/bias", "presence/bias", "scale3/unet/enc0_conv0/kernel",
                             "presence/weight", "scale2/unet/head/bias"]) == "presence (2), scale2/unet (1), scale3/unet (2)"
-  assert loop.init_sources(f" {tmp_path / 'loc'}, {tmp_path / 'pres'} ,") == [str(tmp_path / "loc"),
+  assert loop.comma_separated(f" {tmp_path / 'loc'}, {tmp_path / 'pres'} ,") == [str(tmp_path / "loc"),
                                                                              str(tmp_path / "pres")]
 
 
