@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   # the finer scales' U-Nets conditioned on the landmark each patch is for (per-landmark scale and shift
   # after every normalisation, zero at init: a plain model's export warm-starts it unchanged)
   model.landmark_film = False
+  # a learnt RAS mm offset per scale and landmark added to each prediction (zero at init): the fixed
+  # per-landmark bias a shift-equivariant U-Net cannot express (docs/design.md)
+  model.landmark_offset = False
   # training only: half-widths (mm) of a random shift of each intermediate finer scale's centre (scales
   # 1 .. S-2, e.g. (16.0, 8.0) for 8/4/2/1 mm), so it learns to correct a coarser scale's miss; () = none
   model.train_shift_mm = ()

@@ -49,6 +49,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_landmarks: int,
                             finest_unet=({"base_channels": model_config.finest_channels}
                                          if model_config.get("finest_channels") else None),
                             landmark_film=model_config.get("landmark_film", False),
+                            landmark_offset=model_config.get("landmark_offset", False),
                             train_shift_mm=tuple(model_config.get("train_shift_mm", ())))
   if model_config.kind not in MODEL_KINDS:
     raise ConfigError(f"unsupported model.kind {model_config.kind!r}; supported: {MODEL_KINDS}")

@@ -41,8 +41,9 @@ def test_configs_build_their_models():
   assert (more.train.init_from, more.train.schedule, more.train.lr_schedule) == ("pretrained/afids32", "flat", "cosine")
   assert more.train.augmentation.to_dict() == every.train.augmentation.to_dict() and more.data == every.data
   assert more.train.learning_rate < every.train.learning_rate and more.model.landmark_film and not every.model.landmark_film
+  assert more.model.landmark_offset and not every.model.landmark_offset
   more_model = more.model.to_dict()
-  more_model["landmark_film"] = False
+  more_model.update(landmark_film=False, landmark_offset=False)  # both zero at init: the export's function
   assert more_model == every.model.to_dict()  # otherwise the same model, so the export continues in it
   assert (every.train.warmup_epochs, more.train.warmup_epochs) == (0, 2)  # a continued run warms Adam up
   for config in (tuned, scratch, paper, every, more):

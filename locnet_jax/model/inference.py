@@ -58,8 +58,8 @@ def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_
     raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples}, {chunk_size}")
   chunk = min(chunk_size, num_samples)
   num_chunks = -(-num_samples // chunk)
-  finest = locnet.LocNet(model.num_landmarks, model.unet, model.com_kind)
   radius, last = model.noise_mm, model.num_scales - 1
+  finest = locnet.scale_net(model, last)  # the model's own finest scale (its U-Net, its landmark conditioning)
 
   def run(params, volumes, affines, key):
     once = model.apply({"params": params}, volumes, affines)  # no noise
@@ -70,12 +70,13 @@ def make_uncertainty(model: locnet.MultiScaleLocNet, *, num_samples: int, chunk_
     noise = locnet.noise_shifts_mm(key, center.shape, radius_mm=radius, num_samples=num_samples)  # (N, B, K, 3)
     noise = jnp.pad(noise, [(0, num_chunks * chunk - num_samples)] + [(0, 0)] * 3)
     net = functools.partial(finest.apply, {"params": params[f"scale{last}"]})
+    offset = locnet.landmark_offset_mm(model, params)[last]  # (K, 3)
 
     def one_chunk(shifts):  # (C, B, K, 3) -> (B, C, K, 3)
       centers = jnp.moveaxis(center[None] + shifts, 0, 1).reshape(batch, -1, 3)
       pred, _ = locnet.refine(net, volumes[last], affine, centers, num_landmarks=k_count,
                               patch_shape=model.patch_shape, groups=model.patch_groups)
-      return pred.reshape(batch, chunk, k_count, 3)
+      return pred.reshape(batch, chunk, k_count, 3) + offset
 
     chunks = jax.lax.map(one_chunk, noise.reshape(num_chunks, chunk, *center.shape))  # (M, B, C, K, 3)
     samples = jnp.moveaxis(chunks, 0, 1).reshape(batch, num_chunks * chunk, k_count, 3)[:, :num_samples]

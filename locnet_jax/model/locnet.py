@@ -21,6 +21,9 @@ from locnet_jax.model import ops
 from locnet_jax.model.unet import UNet3D, resolve_conv_impl
 
 PRESENCE_FROM = ("mass", "image")  # what a presence logit reads (MultiScaleLocNet.presence_from)
+# `MultiScaleLocNet.landmark_offset`: the learnt offsets are this many mm per unit of their parameter, so Adam
+# (steps of about one learning rate in parameter units) moves them mm-sized distances within one run
+OFFSET_UNIT_MM = 20.0
 
 
 def batched_affine(affine: jax.Array, batch: int, name: str) -> jax.Array:
@@ -159,6 +162,11 @@ class MultiScaleLocNet(nn.Module):
       mm per world axis added to the centre of each intermediate finer scale s = 1 .. S-2 before its crop
       (the finest scale has `noise_mm`): each scale learns to correct a coarser scale's miss of up to r_s,
       as on images unlike the training ones. Empty: none (the paper).
+    landmark_offset: a learnt constant RAS mm offset per scale and landmark, (S, K, 3), added to each
+      scale's centre of mass (so also to the next scale's crop centre): the per-landmark bias a
+      shift-equivariant U-Net cannot express (it places a landmark where its local features are, and a
+      landmark's definition can sit a fixed sub-voxel distance from them; docs/design.md). Zero at init,
+      so a model without it warm-starts as the same function; `OFFSET_UNIT_MM` mm per parameter unit.
   """
 
   num_landmarks: int
@@ -176,6 +184,7 @@ class MultiScaleLocNet(nn.Module):
   finest_unet: Mapping[str, Any] | None = None
   landmark_film: bool = False
   train_shift_mm: tuple[float, ...] = ()
+  landmark_offset: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_landmarks, int) or self.num_landmarks < 1:
@@ -227,16 +236,14 @@ class MultiScaleLocNet(nn.Module):
       raise ValueError(f"num_samples needs a noise_key and must be an int >= 1, got {num_samples!r}")
     batch, k_count = volumes[0].shape[0], self.num_landmarks
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
-    coarse = LocNet(self.num_landmarks, {**dict(self.unet or {}), **dict(self.coarse_unet or {})},
-                    self.coarse_com_kind or self.com_kind, name="scale0")
-    finest = {**dict(self.unet or {}), **dict(self.finest_unet or {})}
-    nets = [coarse] + [LocNet(self.num_landmarks, finest if s == self.num_scales - 1 else self.unet, self.com_kind,
-                              self.landmark_film, name=f"scale{s}") for s in range(1, self.num_scales)]
-
+    nets = [scale_net(self, s, name=f"scale{s}") for s in range(self.num_scales)]
+    offset_mm = (OFFSET_UNIT_MM * self.param("landmark_offset", nn.initializers.zeros,
+                                             (self.num_scales, k_count, 3), jnp.float32)
+                 if self.landmark_offset else jnp.zeros((self.num_scales, k_count, 3), jnp.float32))
     coarse_vox, heatmap = nets[0](volumes[0])
     self.sow("intermediates", "heatmap0", heatmap)
     masses = [log_mass(jnp.moveaxis(heatmap, -1, 1))]  # (B, K) each
-    pred_mm = [geometry.vox_to_mm(coarse_vox, affines[0][:, None])]
+    pred_mm = [geometry.vox_to_mm(coarse_vox, affines[0][:, None]) + offset_mm[0]]
     grid_center_vox = (jnp.asarray(volumes[0].shape[1:4], jnp.float32) - 1) / 2
     center_mm = [jnp.broadcast_to(geometry.vox_to_mm(grid_center_vox, affines[0])[:, None],
                                   (batch, k_count, 3))]
@@ -253,7 +260,7 @@ class MultiScaleLocNet(nn.Module):
                              patch_shape=self.patch_shape, groups=self.patch_groups)
       self.sow("intermediates", f"heatmap{s}", heatmap)
       masses.append(jnp.mean(log_mass(heatmap).reshape(batch, -1, k_count), axis=1))
-      pred_mm.append(pred)
+      pred_mm.append(pred + jnp.tile(offset_mm[s], (pred.shape[1] // k_count, 1)))  # every noise sample
       center_mm.append(center)
     out = {}
     if self.presence and self.presence_from == "image":
@@ -275,6 +282,27 @@ class MultiScaleLocNet(nn.Module):
     shifted = center_mm[None] + noise_shifts_mm(key, center_mm.shape, radius_mm=self.noise_mm,
                                                 num_samples=num_samples)  # (N, B, K, 3)
     return jnp.moveaxis(shifted, 0, 1).reshape(center_mm.shape[0], -1, 3)
+
+
+def scale_net(model: MultiScaleLocNet, s: int, *, name: str | None = None) -> LocNet:
+  """Scale s's Loc-Net of `model`, as the model builds it (its U-Net settings, centre-of-mass kind and landmark
+  conditioning): inside the model with ``name=f"scale{s}"``, and unbound for the noise passes' finest scale
+  (`inference.make_uncertainty`), which apply it to ``params[f"scale{s}"]``."""
+  unet = dict(model.unet or {})
+  if s == 0:
+    return LocNet(model.num_landmarks, {**unet, **dict(model.coarse_unet or {})},
+                  model.coarse_com_kind or model.com_kind, name=name)
+  if s == model.num_scales - 1:
+    unet = {**unet, **dict(model.finest_unet or {})}
+  return LocNet(model.num_landmarks, unet, model.com_kind, model.landmark_film, name=name)
+
+
+def landmark_offset_mm(model: MultiScaleLocNet, params) -> jax.Array:
+  """The learnt offsets (S, K, 3) RAS mm of `model` (`MultiScaleLocNet.landmark_offset`) in `params`; zeros
+  for a model without them."""
+  if not model.landmark_offset:
+    return jnp.zeros((model.num_scales, model.num_landmarks, 3), jnp.float32)
+  return OFFSET_UNIT_MM * params["landmark_offset"]
 
 
 def log_mass(heatmap: jax.Array) -> jax.Array:

@@ -301,6 +301,32 @@ def test_landmark_conditioning_starts_as_the_plain_model_and_then_tells_landmark
     scale1.apply({"params": moved["scale1"]}, patch)
 
 
+def test_landmark_offsets_start_at_zero_and_move_each_scale_and_the_next_crop():
+  """`landmark_offset`: one new parameter (S, K, 3), zero at init (a model without it warm-starts as the same
+  function); set, it moves scale s's prediction by its offsets plus what the moved crop changes, the next
+  scale's crop centre with it; the loss's gradient reaches it."""
+  volumes, affines = helpers.random_pyramid(1, (8, 16, 32), (4.0, 2.0, 1.0))
+  plain = MultiScaleLocNet(2, num_scales=3, patch_shape=(8, 8, 8), unet=dict(depth=1, base_channels=4), patch_groups=1)
+  shifted = plain.clone(landmark_offset=True)
+  p_plain, p_shift = (jax.jit(m.init)(jax.random.key(0), volumes, affines)["params"] for m in (plain, shifted))
+  assert set(p_shift) - set(p_plain) == {"landmark_offset"} and p_shift["landmark_offset"].shape == (3, 2, 3)
+  assert np.all(p_shift["landmark_offset"] == 0)
+  want = jax.jit(plain.apply)({"params": p_plain}, volumes, affines)
+  apply = jax.jit(shifted.apply)
+  np.testing.assert_allclose(apply({"params": {**p_plain, "landmark_offset": p_shift["landmark_offset"]}},
+                                   volumes, affines)["pred_mm"], want["pred_mm"], atol=1e-5)
+  offset = jnp.zeros((3, 2, 3)).at[0].set(jnp.array([[0.05, 0.0, -0.1], [0.0, 0.1, 0.0]]))  # scale 0 alone
+  got = apply({"params": {**p_plain, "landmark_offset": offset}}, volumes, affines)
+  np.testing.assert_allclose(got["pred_mm"][:, 0] - want["pred_mm"][:, 0], 20.0 * offset[0][None], atol=1e-4)
+  np.testing.assert_allclose(got["center_mm"][:, 1], got["pred_mm"][:, 0], atol=1e-5)  # the next crop follows
+  assert np.abs(np.asarray(got["pred_mm"][:, 1] - want["pred_mm"][:, 1])).max() > 1e-3
+
+  def loss(params):
+    return jnp.sum(apply({"params": params}, volumes, affines)["pred_mm"][:, -1] ** 2)
+  grad = jax.grad(loss)({**p_plain, "landmark_offset": p_shift["landmark_offset"]})["landmark_offset"]
+  assert np.abs(np.asarray(grad[-1])).min() > 0  # the finest offsets: every landmark, every axis
+
+
 # ---------------------------------------------------------------- shapes and bad arguments
 
 @pytest.mark.parametrize("batch, num_scales, num_landmarks, patch", [
