@@ -4,9 +4,9 @@
     python predict.py --image='scans/*.nii.gz' --out=predictions/ --shard=0/4     # a quarter of a cohort
     python predict.py --bids=BIDS_DIR --out=OUT_DIR [--participant_label=01,02] [--shard=0/4]
 
-Without --workdir, the model shipped in pretrained/afids6_real (trained for other contrasts, anatomies and
-partial fields of view, with QC thresholds; see its model.json; pretrained/afids6, the template-only model,
-stays loadable with --workdir=pretrained/afids6); else a training run's folder
+Without --workdir, the model shipped in pretrained/afids32 (all 32 AFIDs at 1 mm, trained for other contrasts
+and anatomies, with QC thresholds; see its model.json); pretrained/afids6_real (6 AFIDs at 2 mm, more accurate
+on those six) and pretrained/afids6 (the template-only model) stay loadable with --workdir; else a training run's folder
 (its config and best checkpoint) or an exported model folder (export_model.py). The images are predicted
 one at a time with one compilation; a progress line per image (with the time left) goes to stderr.
 
@@ -39,7 +39,7 @@ import locnet_jax
 from locnet_jax import cli, from_config, io
 from locnet_jax.eval import cohort, predict
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids6_real"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "afids32"
 _WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_MODEL),
                                "A trained run's folder or an exported model folder (default: the shipped model).")
 _IMAGES = flags.DEFINE_list("image", None, "NIfTI images, folders of them or glob patterns (comma-separated).")

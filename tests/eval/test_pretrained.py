@@ -1,9 +1,9 @@
 """The shipped models. pretrained/afids6 still loads and computes what it computed when it was exported:
 its predictions on a built AFIDs case equal the recorded ones (tests/eval/afids6_reference.json, made by the
 code that trained it) to 1e-4 mm, and from the shell it finds the landmarks of a brain it never saw.
-pretrained/afids6_real, predict.py's default, does too, with its QC: a whole head has no absent landmark,
-and the same head cut to a slab reports the landmarks the slab does not hold as absent. pretrained/afids32
-(all 32 AFIDs at 1 mm) places every landmark of the head near the truth, as its model card says."""
+pretrained/afids6_real does too, with its QC: a whole head has no absent landmark, and the same head cut to a
+slab reports the landmarks the slab does not hold as absent. pretrained/afids32 (all 32 AFIDs at 1 mm),
+predict.py's default, places every landmark of the head near the truth, as its model card says."""
 
 import json
 import subprocess
@@ -79,8 +79,8 @@ def test_the_shipped_model_finds_the_afids_on_a_new_warped_brain(unseen_case, tm
 
 
 @pytest.mark.slow
-def test_the_default_model_finds_the_afids_and_reports_what_a_slab_does_not_hold(unseen_case, tmp_path):
-  """predict.py with no --workdir: pretrained/afids6_real. On the whole unseen head every landmark is placed
+def test_the_real_scan_model_finds_the_afids_and_reports_what_a_slab_does_not_hold(unseen_case, tmp_path):
+  """predict.py --workdir=pretrained/afids6_real. On the whole unseen head every landmark is placed
   (none absent) near the truth; on a coronal 30 mm slab of it around AC, the landmarks more than 25 mm in
   front of or behind AC (PC, SPLE, the ventricles) are reported absent (no coordinates: only a model with QC
   thresholds, which pretrained/afids6 lacks, calls anything absent)."""
@@ -104,7 +104,8 @@ def test_the_default_model_finds_the_afids_and_reports_what_a_slab_does_not_hold
   slab = nib.Nifti1Image(np.asarray(image.dataobj)[tuple(index)], affine @ moved)
   nib.save(slab, str(tmp_path / "slab.nii.gz"))
   done = subprocess.run([sys.executable, "predict.py", f"--image={unseen_case.image},{tmp_path / 'slab.nii.gz'}",
-                         f"--out={tmp_path / 'pred'}", "--num_noise_samples=20"], cwd=helpers.ROOT,
+                         f"--out={tmp_path / 'pred'}", f"--workdir={REAL_MODEL}", "--num_noise_samples=20"],
+                        cwd=helpers.ROOT,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   whole = io.load_landmarks(tmp_path / "pred" / f"{unseen_case.id}.mrk.json", names)
@@ -117,13 +118,13 @@ def test_the_default_model_finds_the_afids_and_reports_what_a_slab_does_not_hold
 
 
 @pytest.mark.slow
-def test_the_32_afid_model_finds_every_afid_on_a_new_warped_brain(unseen_case, tmp_path):
-  """predict.py --workdir=pretrained/afids32: the 32 AFIDs at 1 mm on an unseen head, none missing, the mean
-  error within its model card's test figures (mean + 2 std: one head is a sample of 32 of its points)."""
+def test_the_default_model_finds_every_afid_on_a_new_warped_brain(unseen_case, tmp_path):
+  """predict.py with no --workdir: pretrained/afids32, the 32 AFIDs at 1 mm on an unseen head, none missing,
+  the mean error within its model card's test figures (mean + 2 std: one head is a sample of 32 of its points)."""
   card = json.loads((AFIDS32_MODEL / "model.json").read_text())
   assert card["landmarks"] == list(afids.AFID_NAMES) and card["config"]["data"]["spacings_mm"][-1] == 1.0
   done = subprocess.run([sys.executable, "predict.py", f"--image={unseen_case.image}", f"--out={tmp_path / 'pred'}",
-                         f"--workdir={AFIDS32_MODEL}", "--num_noise_samples=0"], cwd=helpers.ROOT,
+                         "--num_noise_samples=0"], cwd=helpers.ROOT,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   predicted = io.load_landmarks(tmp_path / "pred" / f"{unseen_case.id}.mrk.json", card["landmarks"])
