@@ -61,12 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = auto (one per patch, at most 8, on CPUs; 1 on GPUs; locnet_jax/model/locnet.py resolve_patch_groups)
   model.patch_groups = 0
   # "multiscale": also learn, per landmark, whether it is in the image (a logit from the heatmaps' mass,
-  # locnet_jax/model/locnet.py Presence), trained on the field-of-view crops of train.augmentation; measured
+  # locnet_jax/model/presence.py Presence), trained on the field-of-view crops of train.augmentation; measured
   # to carry no signal (docs/results.md). Prediction reads presence from the image's field of view without it
   # (locnet_jax/eval/qc.py); with it, the learnt probability multiplies in
   model.presence = False
   # what the presence logit reads: "mass" (above) or "image", its own small classifier of the coarsest volume
-  # (locnet_jax/model/locnet.py PresenceEncoder; measured: it tells a partial image from a whole head, not
+  # (locnet_jax/model/presence.py PresenceEncoder; measured: it tells a partial image from a whole head, not
   # which landmarks a slab holds, docs/results.md)
   model.presence_from = "mass"
   model.unet = unet = ml_collections.ConfigDict()

@@ -90,7 +90,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # (0.69 mm) as on validation and test: learnt per landmark from the sixth run on (docs/results.md)
     config.model.landmark_offset = True
     # the fourth run, at these settings: validation 1.54 -> 1.31 mm (best at epoch 20 of 25), the fifth
-    # 1.31 -> 1.21 (epoch 24; docs/results.md)
+    # 1.31 -> 1.21 (epoch 24), the sixth (with landmark_offset) 1.21 -> 1.03 (epoch 13 of 19; docs/results.md)
   if variant == "afids6_real_ft":  # fine-tuned from the plain model; run from the repository root
     config.train.init_from = "pretrained/afids6"
     config.train.schedule = "flat"

@@ -13,7 +13,7 @@ STAGES = {
     "base": ["xla_env", "cli", "parallel", "geometry", "io", "outputs", "dataset"],
     "data": ["data.preprocess", "data.variation", "data.augment_host", "data.variation_device", "data.augment_device",
              "data.loader", "data.resident", "data.synthetic", "data.afids", "data.afids_stress"],
-    "model": ["model.ops", "model.unet", "model.locnet", "model.losses", "model.inference"],
+    "model": ["model.ops", "model.unet", "model.presence", "model.locnet", "model.losses", "model.inference"],
     "config": ["from_config"],
     "train": ["train.steps", "train.checkpoints", "train.reporting", "train.loop"],
     "eval": ["eval.metrics", "eval.qc", "eval.figures", "eval.restore", "eval.cohort", "eval.predict", "eval.scoring",

@@ -7,8 +7,8 @@ in the image is ``sigmoid(depth_mm / PRESENCE_SOFTNESS_MM)``, where ``depth_mm``
 outside), times the model's learnt presence output where it has one. Why: a model trained on field-of-view
 crops learns where a cut-away landmark lies beyond the image's edge (the augmentation keeps its position
 as a target), so a prediction outside the grid says the landmark is not in the image. Of the learnt
-outputs, the heatmaps' mass (`model.locnet.Presence`) carried no signal and a classifier of the coarsest
-volume (`model.locnet.PresenceEncoder`) tells partial images from whole heads, not which landmarks a slab
+outputs, the heatmaps' mass (`model.presence.Presence`) carried no signal and a classifier of the coarsest
+volume (`model.presence.PresenceEncoder`) tells partial images from whole heads, not which landmarks a slab
 holds (docs/results.md, "Presence").
 
 - absent: presence probability below `absent_below` (the landmark is not in the image: no coordinates), or,

@@ -12,7 +12,8 @@ import pytest
 
 from locnet_jax.eval import qc
 from locnet_jax.model import losses
-from locnet_jax.model.locnet import MultiScaleLocNet, PresenceEncoder
+from locnet_jax.model.locnet import MultiScaleLocNet
+from locnet_jax.model.presence import PresenceEncoder
 from locnet_jax.train import steps
 from tests import helpers
 
