@@ -238,9 +238,9 @@ class MultiScaleLocNet(nn.Module):
     batch, k_count = volumes[0].shape[0], self.num_landmarks
     affines = [batched_affine(a, batch, f"affine {s}") for s, a in enumerate(affines)]
     nets = [scale_net(self, s, name=f"scale{s}") for s in range(self.num_scales)]
-    offset_mm = (OFFSET_UNIT_MM * self.param("landmark_offset", nn.initializers.zeros,
-                                             (self.num_scales, k_count, 3), jnp.float32)
-                 if self.landmark_offset else jnp.zeros((self.num_scales, k_count, 3), jnp.float32))
+    offset_mm = landmark_offset_mm(self, {"landmark_offset": self.param(
+        "landmark_offset", nn.initializers.zeros, (self.num_scales, k_count, 3), jnp.float32)}
+        if self.landmark_offset else {})
     coarse_vox, heatmap = nets[0](volumes[0])
     self.sow("intermediates", "heatmap0", heatmap)
     masses = [log_mass(jnp.moveaxis(heatmap, -1, 1))]  # (B, K) each
